@@ -1,0 +1,64 @@
+"""Backpropagation by hand: the delta recursion over a batch, no autograd inside.
+
+With the forward pass cached (a^0..a^L, z^1..z^L, see :mod:`handgrad.mlp`) and
+g = dL/da^L given by the loss, for a batch of N rows:
+
+    delta^L     = g ⊙ f_L'(z^L)                          (N, n_L)
+    delta^{l-1} = (delta^l W^l) ⊙ f_{l-1}'(z^{l-1})      (N, n_{l-1}),  l = L..2
+    dL/dW^l     = delta^{l T} a^{l-1}                    (n_l, n_{l-1})
+    dL/db^l     = sum_n delta^l_n                        (n_l,)
+
+The batch sum lives inside the matrix product, so a "mean" loss is handled by the
+1/N already in g.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def backward(model, grad_output: Tensor) -> None:
+    """Fill ``model.dL_dw[l]`` and ``model.dL_db[l]`` for l = 1..L and write them into the
+    parameters' ``.grad`` (replacing what was there), so any optimizer can step.
+
+    ``model`` exposes ``L``, ``fc`` (``fc[str(l)].weight`` is W^l), ``a``, ``z``, ``df`` as
+    :class:`handgrad.mlp.MLP` does; ``grad_output`` is dL/da^L, shaped like ``model.a[L]``.
+    Inputs may be a batch (N, n) or a single sample (n,).
+    """
+    L = model.L
+    if isinstance(model.z, dict) and L not in model.z:
+        raise RuntimeError("backward() needs the cached activations: call model(x) first")
+    if grad_output.shape != model.a[L].shape:
+        raise ValueError(
+            f"grad_output has shape {tuple(grad_output.shape)}, the network output a[L] has {tuple(model.a[L].shape)}"
+        )
+    single = grad_output.dim() == 1  # one sample: treat as a batch of one
+    delta = grad_output * model.df[L](model.z[L])
+    if single:
+        delta = delta[None]
+    for l in range(L, 0, -1):
+        a_prev = model.a[l - 1]
+        a_prev = a_prev.reshape(1, -1) if single else a_prev.reshape(a_prev.shape[0], -1)
+        layer = model.fc[str(l)]
+        model.dL_dw[l] = delta.T @ a_prev
+        model.dL_db[l] = delta.sum(0)
+        if l > 1:
+            z_prev = model.z[l - 1]
+            delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)
+        layer.weight.grad = model.dL_dw[l]
+        if layer.bias is not None:
+            layer.bias.grad = model.dL_db[l]
+
+
+def backpropagation(model, y_true: Tensor, y_pred: Tensor) -> None:
+    """The course's entry point: backpropagate the sum of squared errors
+
+        L = sum (y_pred - y_true)^2,   dL/dy_pred = 2 (y_pred - y_true)
+
+    through any model exposing ``L, fc, a, z, df, dL_dw, dL_db`` (not only ours),
+    for one sample or a batch. ``y_pred`` is the output of the last ``model(x)``.
+    """
+    with torch.no_grad():
+        backward(model, 2 * (y_pred - y_true))
