@@ -1,0 +1,59 @@
+"""Shared test fixtures: small generated CIFAR-like data, and the real JPEG archive when it is there."""
+
+from __future__ import annotations
+
+import pathlib
+import tarfile
+
+import pytest
+import torch
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REAL_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+def write_image_folder(root: pathlib.Path, per_class_train: int = 20, per_class_test: int = 6,
+                       classes=CIFAR10_CLASSES, seed: int = 0) -> dict:
+    """Write ``root/{train,test}/<class>/NNNN.png`` with random 32x32 RGB images (lossless PNG).
+
+    The class shifts the mean brightness so that a model can learn something. Returns
+    ``{split: (uint8 images (N, 3, 32, 32), class names list)}`` in the order the files were written
+    (sorted by class, then file name).
+    """
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(seed)
+    written = {}
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        imgs, names = [], []
+        for k, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.int64)
+                img = ((img + 20 * k) % 256).to(torch.uint8)
+                write_png(img, str(d / f"{i:04d}.png"))
+                imgs.append(img)
+                names.append(c)
+        written[split] = (torch.stack(imgs), names)
+    return written
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A generated CIFAR-10-like image-folder tree (10 classes, 20 train + 6 test images each)."""
+    root = tmp_path / "cifar"
+    written = write_image_folder(root)
+    return root, written
+
+
+@pytest.fixture(scope="session")
+def real_cifar(tmp_path_factory):
+    """The real CIFAR-10 JPEGs from ../shared/data, extracted once per session; skips when absent."""
+    if not REAL_ARCHIVE.exists():
+        pytest.skip(f"real CIFAR-10 archive not found at {REAL_ARCHIVE}")
+    d = tmp_path_factory.mktemp("real_cifar")
+    with tarfile.open(REAL_ARCHIVE) as tar:
+        tar.extractall(d, filter="data")
+    return d / "cifar10-jpeg"
