@@ -1,0 +1,345 @@
+"""The LightningModule: an MLP trained with the hand-written backward pass and SGD step.
+
+One training step, in the course notation (see :mod:`handgrad.mlp`, :mod:`handgrad.backprop`):
+
+    forward     a^0 = x,  z^l = a^{l-1} W^{l T} + b^l,  a^l = f_l(z^l)      (cached)
+    loss        L = loss(a^L, y),  g = dL/da^L                             (handgrad.losses)
+    backward    dL/dW^l, dL/db^l by the delta recursion                    (handgrad.backprop)
+    step        p <- p - lr * (SGD with momentum and weight decay)(dL/dp)  (handgrad.optim or torch.optim)
+
+Two switches swap a hand-written part for PyTorch's, so the two can be compared in one line:
+``backprop="autograd"`` (``torch.nn.functional`` loss + ``loss.backward()``) and ``optimizer="torch"``
+(``torch.optim.SGD``). Everything else (loop, logging, checkpoints, metrics) is Lightning's and torchmetrics'.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from handgrad import losses
+from handgrad.backprop import backward
+from handgrad.mlp import MLP
+from handgrad.optim import SGD
+
+SUPPORTED_PRECISIONS = ("32-true", "64-true")
+BACKPROPS = ("handgrad", "autograd")
+OPTIMIZERS = ("handgrad", "torch")
+LOSSES = ("cross_entropy", "mse")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+class SetupError(ValueError):
+    """The trainer or the data do not fit the model (precision, number of classes); the message says how to fix it."""
+
+
+class HandgradClassifier(L.LightningModule):
+    """An image classifier ``MLP(sizes, activation)`` trained with manual optimization.
+
+    Args:
+        sizes: layer widths [n_0, ..., n_L]; n_0 = 3*32*32 = 3072 for CIFAR, n_L = number of classes.
+        activation: hidden activation, a key of :data:`handgrad.activations.ACTIVATIONS`.
+        loss: "cross_entropy" (softmax cross entropy) or "mse" (squared error to the one-hot target).
+        lr, momentum, dampening, weight_decay, nesterov: the SGD hyperparameters (as ``torch.optim.SGD``).
+        backprop: "handgrad" (delta recursion, :func:`handgrad.backprop.backward`) or "autograd".
+        optimizer: "handgrad" (:class:`handgrad.optim.SGD`) or "torch" (``torch.optim.SGD``).
+        lr_scheduler: optional ``optimizer -> scheduler`` callable, stepped once per epoch; in a config:
+            ``lr_scheduler: {class_path: torch.optim.lr_scheduler.CosineAnnealingLR, init_args: {T_max: 30}}``.
+        log_histograms_every_n_steps: write weight and gradient histograms to TensorBoard every n
+            optimizer steps (0 = never; each one copies all parameters to the host).
+        nan_check_every_n_steps: how often the NaN/inf loss flag is read on the host. None = every step on
+            CPU (free there, and no update is made with a bad loss) and every 50 steps on an accelerator (the
+            flag lives on the device and records the first bad step, so reading it rarely avoids a sync per step).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] = (3072, 512, 128, 32, 2),
+        activation: str = "relu",
+        loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.001,
+        nesterov: bool = False,
+        backprop: Literal["handgrad", "autograd"] = "handgrad",
+        optimizer: Literal["handgrad", "torch"] = "handgrad",
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        log_histograms_every_n_steps: int = 0,
+        nan_check_every_n_steps: Optional[int] = None,
+    ):
+        super().__init__()
+        for name, value, choices in (("loss", loss, LOSSES), ("backprop", backprop, BACKPROPS),
+                                     ("optimizer", optimizer, OPTIMIZERS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if log_histograms_every_n_steps < 0:
+            raise ValueError(f"log_histograms_every_n_steps must be >= 0 (0 = off), got {log_histograms_every_n_steps}")
+        if nan_check_every_n_steps is not None and nan_check_every_n_steps < 1:
+            raise ValueError(f"nan_check_every_n_steps must be >= 1 or None (automatic), got {nan_check_every_n_steps}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.lr_scheduler = lr_scheduler
+        self.mlp = MLP(sizes, activation)
+        self.num_classes = self.mlp.n_l[-1]
+        self.class_names = [str(k) for k in range(self.num_classes)]  # replaced by the data's in setup()
+        metric = dict(num_classes=self.num_classes, validate_args=False)  # validation would sync the GPU
+        self.train_acc = MulticlassAccuracy(average="micro", **metric)
+        self.val_acc = MulticlassAccuracy(average="micro", **metric)
+        self.test_acc = MulticlassAccuracy(average="micro", **metric)
+        self.val_confmat = MulticlassConfusionMatrix(**metric)
+        self.test_confmat = MulticlassConfusionMatrix(**metric)
+        self.confusion_matrix: dict[str, Tensor] = {}  # stage -> last confusion matrix (rows: true class)
+        self._bad_step: Optional[Tensor] = None  # on device: first step with a non-finite loss, -1 if none
+        self._hparams_logged = False
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self, stage: str) -> None:
+        precision = self.trainer.precision
+        if precision not in SUPPORTED_PRECISIONS:
+            raise SetupError(
+                f"trainer.precision={precision!r} is not supported: the hand-written backward pass and SGD step "
+                f"run in one dtype and have no loss scaling or mixed-precision casts. Use one of "
+                f"{SUPPORTED_PRECISIONS} (e.g. --trainer.precision 64-true for exact comparisons)."
+            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
+        if names is not None:
+            if len(names) != self.num_classes:
+                sizes = [*self.mlp.n_l[:-1], len(names)]
+                raise SetupError(
+                    f"the model has {self.num_classes} outputs (sizes[-1]) but the data has {len(names)} classes "
+                    f"{list(names)}; set --model.sizes '{sizes}' (or change --data.classes)"
+                )
+            self.class_names = [str(n) for n in names]
+
+    def configure_optimizers(self):
+        """The same SGD hyperparameters for the hand-written optimizer and torch.optim.SGD."""
+        hp = self.hparams
+        sgd = SGD if hp.optimizer == "handgrad" else torch.optim.SGD
+        opt = sgd(self.parameters(), lr=hp.lr, momentum=hp.momentum, dampening=hp.dampening,
+                  weight_decay=hp.weight_decay, nesterov=hp.nesterov)
+        if self.lr_scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.lr_scheduler(opt)}
+
+    # ---------------------------------------------------------------- the model and its loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+    def loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The hand-written loss L (mean over the batch) and g = dL/da^L."""
+        if self.hparams.loss == "cross_entropy":
+            return losses.cross_entropy(out, y)
+        return losses.mse(out, F.one_hot(y, self.num_classes).to(out.dtype))
+
+    def torch_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """The same loss from torch.nn.functional, for the autograd path."""
+        if self.hparams.loss == "cross_entropy":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, F.one_hot(y, self.num_classes).to(out.dtype))
+
+    def forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward pass, loss, and parameter gradients in ``.grad``; returns (output, loss)."""
+        if self.hparams.backprop == "handgrad":
+            with torch.no_grad():  # no graph: the gradients come from the cached activations
+                out = self.mlp(x)
+                loss, grad_out = self.loss_and_grad(out, y)
+                backward(self.mlp, grad_out)
+        else:
+            out = self.mlp(x)
+            loss = self.torch_loss(out, y)
+            self.manual_backward(loss)
+        return out.detach(), loss.detach()
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        out, loss = self.forward_backward(x, y)
+        self.check_finite(loss)
+        grad_norm = global_norm([p.grad for p in self.parameters()])
+        self.log_histograms()
+        opt.step()  # through Lightning: counts the step, feeds checkpoints and the precision plugin
+        self.train_acc.update(out, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
+        scheduler = self.lr_schedulers()
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(self.trainer.callback_metrics["val/loss"])
+        else:
+            scheduler.step()
+
+    def on_fit_start(self) -> None:
+        self._bad_step = None
+        self.log_hparams_once()
+
+    # ---------------------------------------------------------------- NaN / inf guard
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Record the first step whose loss is NaN or inf (on the loss's device, no sync) and raise
+        :class:`NonFiniteLossError` when the flag is read: every step on CPU, every
+        ``nan_check_every_n_steps`` (default 50) on an accelerator."""
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._bad_step
+        self._bad_step = torch.where(~torch.isfinite(loss) & (first < 0), first.new_full((), self.global_step), first)
+        every = self.hparams.nan_check_every_n_steps or (1 if loss.device.type == "cpu" else 50)
+        if self.global_step % every == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite at step {step} (global step, counting optimizer "
+                f"steps from 0; noticed in epoch {self.current_epoch}); training stopped. Lower --model.lr, check the "
+                f"inputs for NaN/inf, or train in float64 with --trainer.precision 64-true."
+            )
+
+    # ---------------------------------------------------------------- validation, test, predict
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.eval_step("test", batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        """The predicted class index of each image."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.mlp(x).argmax(1)
+
+    def eval_step(self, stage: str, batch, batch_idx: int) -> None:
+        x, y = batch
+        out = self.mlp(x)
+        loss, _ = self.loss_and_grad(out, y)
+        acc, confmat = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_confmat")
+        acc.update(out, y)
+        confmat.update(out, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.raise_if_nonfinite()  # a bad step since the last check must not reach a checkpoint
+        else:
+            self.log_hparams_once()
+
+    def on_test_start(self) -> None:
+        self.log_hparams_once()
+
+    def on_validation_epoch_end(self) -> None:
+        self.eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_epoch_end("test")
+
+    def eval_epoch_end(self, stage: str) -> None:
+        """Per-class accuracy from the confusion matrix C (rows: true class):  acc_k = C_kk / sum_j C_kj."""
+        confmat = getattr(self, f"{stage}_confmat")
+        cm = confmat.compute()
+        confmat.reset()
+        if self.trainer.sanity_checking:
+            return
+        per_class = cm.diag() / cm.sum(1).clamp_min(1)
+        for name, value in zip(self.class_names, per_class):
+            self.log(f"{stage}/acc_{name}", value)
+        self.log(f"hp/{stage}_acc", getattr(self, f"{stage}_acc").compute())
+        self.confusion_matrix[stage] = cm.cpu()
+        tb = self.tensorboard()
+        if tb is None:
+            return
+        step = self.global_step
+        tb.add_image(f"{stage}/confusion_matrix", confusion_matrix_image(cm, self.class_names), step)
+        tb.add_text(f"{stage}/confusion_matrix", confusion_matrix_markdown(cm, self.class_names), step)
+
+    # ---------------------------------------------------------------- TensorBoard extras
+
+    def tensorboard(self):
+        """The TensorBoard SummaryWriter, or None when the trainer logs elsewhere (or not at all)."""
+        return self.logger.experiment if isinstance(self.logger, TensorBoardLogger) else None
+
+    def log_hparams_once(self) -> None:
+        """Fill TensorBoard's HPARAMS tab: model and data hyperparameters against val/test accuracy."""
+        tb_logger = self.logger if isinstance(self.logger, TensorBoardLogger) else None
+        if tb_logger is None or self._hparams_logged:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        params = {**getattr(datamodule, "hparams", {}), **self.hparams}  # as Lightning merges them for hparams.yaml
+        params.pop("_instantiator", None)
+        tb_logger.log_hyperparams(params, {"hp/val_acc": float("nan"), "hp/test_acc": float("nan")})
+        self._hparams_logged = True
+
+    def log_histograms(self) -> None:
+        """Weight and gradient histograms every ``log_histograms_every_n_steps`` steps (off when 0)."""
+        every = self.hparams.log_histograms_every_n_steps
+        tb = self.tensorboard()
+        if not every or tb is None or self.global_step % every:
+            return
+        for name, p in self.mlp.named_parameters():
+            tb.add_histogram(f"weights/{name}", p, self.global_step)
+            tb.add_histogram(f"grads/{name}", p.grad, self.global_step)
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """||g|| = sqrt(sum_p ||g_p||^2) over all the tensors, as one tensor on their device (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def confusion_matrix_markdown(cm: Tensor, class_names: Sequence[str]) -> str:
+    """The confusion matrix as a Markdown table (rows: true class, columns: predicted)."""
+    cm = cm.cpu().tolist()
+    lines = ["| true \\ predicted | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(class_names, cm)]
+    return "\n".join(lines)
+
+
+def confusion_matrix_image(cm: Tensor, class_names: Sequence[str], cell: int = 40) -> Tensor:
+    """Draw the confusion matrix as an RGB uint8 image (3, H, W): rows are the true class, columns the
+    predicted one (numbered as the rows), each cell holds its count and is shaded by its share of the row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cm = cm.cpu()
+    k = cm.shape[0]
+    share = cm.double() / cm.sum(1, keepdim=True).clamp_min(1)
+    font = ImageFont.load_default()
+    left, top = 12 + int(max(font.getlength(f"{i} {n}") for i, n in enumerate(class_names))), 30
+    img = Image.new("RGB", (left + k * cell + 10, top + k * cell + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), "rows: true, columns: predicted", fill="black", font=font)
+    for j in range(k):
+        draw.text((left + j * cell + cell // 3, top - 14), str(j), fill="black", font=font)
+    for i, name in enumerate(class_names):
+        draw.text((4, top + i * cell + cell // 3), f"{i} {name}", fill="black", font=font)
+        for j in range(k):
+            s = float(share[i, j])
+            color = (int(255 * (1 - 0.8 * s)), int(255 * (1 - 0.6 * s)), 255)  # white -> blue
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=color, outline="gray")
+            draw.text((x0 + 4, y0 + cell // 3), str(int(cm[i, j])), fill="black" if s < 0.6 else "white", font=font)
+    return torchvision.transforms.functional.pil_to_tensor(img)

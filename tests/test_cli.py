@@ -1,0 +1,210 @@
+"""train.py (LightningCLI) end to end, in-process, on a small generated image-folder tree (CPU, offline).
+
+References: accuracies recomputed from the saved checkpoints on the data module's tensors, the hand-written
+run against the autograd + torch.optim.SGD run, and an uninterrupted run against an interrupted-and-resumed one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from handgrad.module import HandgradClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+_spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+
+@pytest.fixture
+def cli_args(image_folder, tmp_path, monkeypatch):
+    """Arguments for a tiny, fast airplane-vs-bird run; the working directory is tmp_path (logs land there).
+    32 training images in batches of 8: 4 steps per epoch."""
+    monkeypatch.chdir(tmp_path)
+    root, _ = image_folder
+    return ["--config", str(CONFIGS / "airplane_bird.yaml"), "--data.data_dir", str(root),
+            "--model.sizes", "[3072, 16, 2]", "--data.batch_size", "8", "--trainer.max_epochs", "2",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def accuracy(ckpt: Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    model = HandgradClassifier.load_from_checkpoint(ckpt, map_location="cpu").to(x.dtype)
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).double().mean().item()
+
+
+def test_fit_validate_test_predict(cli_args, tmp_path):
+    cli = train.main(["fit", *cli_args, "--model.log_histograms_every_n_steps", "2"])
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    assert Path(cli.trainer.logger.log_dir).resolve() == log_dir
+    assert cli.trainer.global_step == 8
+    dm = cli.datamodule
+
+    ev = events(log_dir)
+    tags = ev.Tags()
+    assert {"train/loss_step", "train/loss_epoch", "train/acc", "train/grad_norm", "val/loss", "val/acc",
+            "val/acc_airplane", "val/acc_bird", "hp/val_acc", "hp/test_acc"} <= set(tags["scalars"])
+    assert {"val/confusion_matrix", "data/samples"} <= set(tags["images"])
+    assert {f"{kind}/fc.{l}.{p}" for kind in ("weights", "grads") for l in (1, 2) for p in ("weight", "bias")} \
+        <= set(tags["histograms"])
+    assert [e.step for e in ev.Histograms("grads/fc.1.weight")] == [0, 2, 4, 6]
+    assert "_hparams_/experiment" in ev.PluginTagToContent("hparams")
+    assert len(ev.Scalars("train/loss_step")) == 8 and len(ev.Scalars("val/acc")) == 2
+    assert (log_dir / "config.yaml").is_file() and (log_dir / "hparams.yaml").is_file()
+
+    ckpts = log_dir / "checkpoints"
+    best = cli.trainer.checkpoint_callbacks[0].best_model_path
+    assert Path(best).parent.resolve() == ckpts and Path(best).name.startswith("best-epoch=")
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 8)  # the end of the last epoch, not a copy of the best
+    # the logged val accuracy of the last epoch is that of the last checkpoint's weights
+    assert ev.Scalars("val/acc")[-1].value == pytest.approx(accuracy(ckpts / "last.ckpt", dm.val_x, dm.val_y), abs=1e-6)
+    best_val = accuracy(Path(best), dm.val_x, dm.val_y)
+    assert max(e.value for e in ev.Scalars("val/acc")) == pytest.approx(best_val, abs=1e-6)
+
+    val = train.main(["validate", *cli_args, "--ckpt_path", best])
+    assert val.trainer.callback_metrics["val/acc"].item() == pytest.approx(best_val, abs=1e-6)
+
+    test = train.main(["test", *cli_args, "--ckpt_path", best])
+    test_dir = Path(test.trainer.logger.log_dir)
+    assert test_dir.name == "version_2"
+    ev = events(test_dir)
+    assert {"test/loss", "test/acc", "test/acc_airplane", "test/acc_bird", "hp/test_acc"} <= set(ev.Tags()["scalars"])
+    assert "test/confusion_matrix" in ev.Tags()["images"]
+    assert ev.Scalars("test/acc")[-1].value == pytest.approx(accuracy(Path(best), dm.test_x, dm.test_y), abs=1e-6)
+
+    train.main(["predict", *cli_args, "--ckpt_path", best])
+
+
+def test_default_job_fits_tests_and_prints_a_summary(cli_args, tmp_path, capsys):
+    overrides = cli_args[2:]  # no subcommand, no --config: the main job on configs/default.yaml
+    cli = train.main(overrides)
+    assert cli.trainer.global_step == 8
+    out = capsys.readouterr().out
+    best = cli.trainer.checkpoint_callbacks[0].best_model_path
+    dm = cli.datamodule
+    assert f"best checkpoint  : {best}" in out
+    assert "last checkpoint  : ./lightning_logs/version_0/checkpoints/last.ckpt" in out
+    assert "TensorBoard logs : ./lightning_logs/version_0" in out
+    test_acc = accuracy(Path(best), dm.test_x, dm.test_y)
+    assert f"test acc (best)  : {test_acc:.4f}" in out
+    assert "test/acc" in events(tmp_path / "lightning_logs" / "version_0").Tags()["scalars"]
+
+
+def test_missing_data_is_a_clear_error_without_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data.data_dir", str(tmp_path / "nowhere"), "--data.download", "false"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No CIFAR-10 data found in") and "--data.data_dir" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, code, message", [
+    (["--trainer.precision", "bf16-mixed"], 2, "error: trainer.precision='bf16-mixed' is not supported"),
+    (["--model.sizes", "[3072, 16, 3]"], 2, "error: the model has 3 outputs (sizes[-1]) but the data has 2 classes"),
+    (["--model.lr", "1e12"], 1, "error: the training loss became NaN or infinite at step "),
+])
+def test_errors_end_the_run_with_a_message(cli_args, capsys, override, code, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", *cli_args, *override])
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_resume_after_interrupt_is_bitwise_identical(cli_args, monkeypatch):
+    """4 epochs with reshuffling, momentum and a StepLR schedule; the second run is killed in epoch 2 and resumed
+    from last.ckpt (end of epoch 1): it must end with exactly the weights and optimizer state of the first."""
+    schedule = ["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR",
+                "--model.lr_scheduler.step_size", "1", "--model.lr_scheduler.gamma", "0.5"]
+    args = ["fit", *cli_args, "--trainer.max_epochs", "4", *schedule, "--data.shuffle", "true"]
+    full = train.main(args)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(self, batch, batch_idx):
+        if self.global_step == 10:  # epoch 2, batch 2
+            raise Interrupted
+
+    with monkeypatch.context() as m, pytest.raises(Interrupted):
+        m.setattr(HandgradClassifier, "on_train_batch_start", interrupt)
+        train.main(args)
+    last = Path("lightning_logs/version_1/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=False)["global_step"] == 8
+
+    resumed = train.main([*args, "--ckpt_path", str(last)])
+    assert resumed.trainer.global_step == full.trainer.global_step == 16
+    for name, w in full.model.state_dict().items():
+        assert torch.equal(w, resumed.model.state_dict()[name]), name
+    opt_full, opt_resumed = full.trainer.optimizers[0], resumed.trainer.optimizers[0]
+    assert opt_full.param_groups[0]["lr"] == opt_resumed.param_groups[0]["lr"] == 0.01 * 0.5**4
+    for p_full, p_resumed in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(opt_full.state[p_full]["momentum_buffer"], opt_resumed.state[p_resumed]["momentum_buffer"])
+    # the data order matters here: the same run without reshuffling ends elsewhere
+    unshuffled = train.main([*args, "--data.shuffle", "false"])
+    assert not torch.equal(unshuffled.model.mlp.fc["1"].weight, full.model.mlp.fc["1"].weight)
+
+
+def test_float64_config_hand_written_equals_pytorch(cli_args):
+    """configs/float64.yaml: the data arrive in float64 and the hand-written run matches autograd + torch.optim.SGD."""
+    args = ["fit", *cli_args[:2], "--config", str(CONFIGS / "float64.yaml"), *cli_args[2:]]
+    hand = train.main(args)
+    ref = train.main([*args, "--model.backprop", "autograd", "--model.optimizer", "torch"])
+    assert hand.datamodule.train_x.dtype == torch.float64
+    for name, w in hand.model.state_dict().items():
+        assert w.dtype == torch.float64
+        assert (w - ref.model.state_dict()[name]).abs().max() < 1e-10, name
+    assert not torch.equal(hand.model.mlp.fc["2"].weight, ref.model.mlp.fc["2"].weight)  # two separate runs
+
+
+@pytest.mark.parametrize("config", ["default.yaml", "airplane_bird.yaml", "float64.yaml", "cifar10_all.yaml"])
+def test_configs_parse_and_are_consistent(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["seed_everything"] == 265
+    assert cfg["model"]["sizes"][0] == 3 * 32 * 32
+    assert cfg["model"]["sizes"][-1] == len(cfg["data"]["classes"])
+    assert cfg["checkpoint"]["monitor"] == "val/acc" and cfg["last_checkpoint"]["filename"] == "last"
+    assert cfg["trainer"]["logger"]["init_args"]["default_hp_metric"] is False
+
+
+def test_default_config_is_the_reference_job(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model, data = cfg["model"], cfg["data"]
+    assert model["sizes"] == [3072, 512, 128, 32, 2] and model["activation"] == "relu"
+    assert (model["loss"], model["lr"], model["momentum"], model["weight_decay"]) == ("cross_entropy", 0.01, 0.9, 0.001)
+    assert (model["backprop"], model["optimizer"]) == ("handgrad", "handgrad")
+    assert cfg["trainer"]["max_epochs"] == 30 and data["batch_size"] == 256
+    assert data["classes"] == ["airplane", "bird"] and data["data_dir"] == "data"
+
+
+def test_sweep_is_dispatched(monkeypatch):
+    calls = []
+    fake = types.ModuleType("handgrad.sweep")
+    fake.main = lambda argv: calls.append(argv) or "swept"
+    monkeypatch.setitem(sys.modules, "handgrad.sweep", fake)
+    assert train.main(["sweep", "--config", "x.yaml", "--lr", "0.1"]) == "swept"
+    assert calls == [["--config", "x.yaml", "--lr", "0.1"]]

@@ -1,0 +1,224 @@
+"""HandgradClassifier inside a Lightning Trainer, on small random tensors (no files, CPU).
+
+References: a plain PyTorch loop (autograd + torch.optim.SGD, no Lightning) for the training numbers,
+and predictions recomputed from the trained weights for the metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from handgrad.module import HandgradClassifier, NonFiniteLossError, SetupError
+
+SIZES = [3072, 16, 10]
+
+
+class TensorData(L.LightningDataModule):
+    """A fixed random data set served in a fixed order (train, val and test are different tensors)."""
+
+    def __init__(self, n: int = 160, k: int = 10, batch_size: int = 32, nan_at: int | None = None):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.x = {s: torch.randn(n, 3, 32, 32, generator=g) for s in ("train", "val", "test")}
+        self.y = {s: torch.randint(0, k, (n,), generator=g) for s in ("train", "val", "test")}
+        for s in self.y:  # a learnable signal: shift each image by its class
+            self.x[s] += 0.1 * self.y[s].view(-1, 1, 1, 1)
+        if nan_at is not None:  # one NaN pixel in training batch `nan_at` of every epoch
+            self.x["train"][nan_at * batch_size, 0, 0, 0] = float("nan")
+        self.batch_size = batch_size
+        self.class_names = [f"class{i}" for i in range(k)]
+
+    def _loader(self, split):
+        return DataLoader(TensorDataset(self.x[split], self.y[split]), batch_size=self.batch_size)
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def batches(self, split="train", dtype=torch.float64):
+        return [(x.to(dtype), y) for x, y in self._loader(split)]
+
+
+class RecordSteps(L.Callback):
+    """Keeps the loss of every training step and the parameter dtype seen during training."""
+
+    def __init__(self):
+        self.losses, self.dtypes = [], set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].clone())
+        self.dtypes.add(pl_module.mlp.fc["1"].weight.dtype)
+
+
+def trainer(tmp_path, **kw):
+    args = dict(max_epochs=2, precision="64-true", accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def fit(tmp_path, data=None, **model_kw):
+    """Train a fresh model (seed 265) for 2 epochs in float64; return (initial weights, model, step recorder)."""
+    L.seed_everything(265)
+    model = HandgradClassifier(SIZES, **model_kw)
+    init = copy.deepcopy(model.state_dict())
+    rec = RecordSteps()
+    trainer(tmp_path, callbacks=[rec]).fit(model, data or TensorData())
+    return init, model, rec
+
+
+def reference_run(init, batches, epochs=2, lr=0.01, momentum=0.9, weight_decay=0.001, loss="cross_entropy"):
+    """The same training as a plain PyTorch loop: autograd gradients and torch.optim.SGD, no Lightning."""
+    model = HandgradClassifier(SIZES).mlp.double()
+    model.load_state_dict({k[len("mlp."):]: v for k, v in init.items()})
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    losses = []
+    for _ in range(epochs):
+        for x, y in batches:
+            opt.zero_grad()
+            out = model(x)
+            value = F.cross_entropy(out, y) if loss == "cross_entropy" else F.mse_loss(out, F.one_hot(y, 10).double())
+            value.backward()
+            opt.step()
+            losses.append(value.detach())
+    return model, torch.stack(losses)
+
+
+def weights(model):
+    return {k: v for k, v in model.state_dict().items() if k.startswith("mlp.")}
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_four_switch_combinations_agree(tmp_path, loss):
+    runs = {(b, o): fit(tmp_path, backprop=b, optimizer=o, loss=loss)
+            for b in ("handgrad", "autograd") for o in ("handgrad", "torch")}
+    init = runs["handgrad", "handgrad"][0]
+    assert all(torch.equal(init[k], r[0][k]) for r in runs.values() for k in init)  # seed 265: same start
+    ref_model, ref_losses = reference_run(init, TensorData().batches(), loss=loss)
+    assert len(ref_losses) == 10
+
+    for (b, o), (_, model, rec) in runs.items():
+        assert rec.dtypes == {torch.float64}, (b, o)
+        losses = torch.stack(rec.losses)
+        assert losses.dtype == torch.float64
+        assert (losses - ref_losses).abs().max() < 1e-10, (b, o)
+        for name, w in weights(model).items():
+            assert (w - ref_model.state_dict()[name[len("mlp."):]]).abs().max() < 1e-10, (b, o, name)
+    assert ref_losses[-1] < ref_losses[0]  # it learned something, so the comparison is not vacuous
+
+    # with the same gradients the two optimizers agree bit for bit
+    for b in ("handgrad", "autograd"):
+        (_, m_hand, r_hand), (_, m_torch, r_torch) = runs[b, "handgrad"], runs[b, "torch"]
+        assert torch.equal(torch.stack(r_hand.losses), torch.stack(r_torch.losses)), b
+        for k, w in weights(m_hand).items():
+            assert torch.equal(w, weights(m_torch)[k]), (b, k)
+    # and autograd + torch.optim.SGD inside Lightning is the plain loop, bit for bit
+    _, m_auto, r_auto = runs["autograd", "torch"]
+    assert torch.equal(torch.stack(r_auto.losses), ref_losses)
+    for k, w in weights(m_auto).items():
+        assert torch.equal(w, ref_model.state_dict()[k[len("mlp."):]]), k
+
+
+def test_float32_default_and_optimizer_state(tmp_path):
+    L.seed_everything(265)
+    model = HandgradClassifier(SIZES)
+    rec = RecordSteps()
+    trainer(tmp_path, precision="32-true", callbacks=[rec]).fit(model, TensorData())
+    assert rec.dtypes == {torch.float32}
+    assert model.trainer.global_step == 10  # Lightning counted the manual optimizer steps
+    opt = model.trainer.optimizers[0]
+    assert type(opt).__module__ == "handgrad.optim"
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+    L.seed_everything(265)
+    model = HandgradClassifier(SIZES)
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 \("):
+        trainer(tmp_path).fit(model, TensorData(nan_at=3))
+    assert model.trainer.global_step == 3  # steps 0, 1, 2 were taken, the bad one was not
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_check_deferred_names_the_first_bad_step(tmp_path):
+    """The accelerator path (flag kept on the device, read every n steps) still names the first bad step."""
+    L.seed_everything(265)
+    model = HandgradClassifier(SIZES, nan_check_every_n_steps=4)
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \("):
+        trainer(tmp_path).fit(model, TensorData(nan_at=1))
+    assert model.trainer.global_step == 4  # read at step 4, before its update
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-true"])
+def test_unsupported_precision_is_refused(tmp_path, precision):
+    model = HandgradClassifier(SIZES)
+    with pytest.raises(SetupError, match=rf"precision='{precision}' is not supported.*'32-true', '64-true'"):
+        trainer(tmp_path, precision=precision).fit(model, TensorData())
+
+
+def test_output_size_must_match_the_classes(tmp_path):
+    model = HandgradClassifier([3072, 16, 2])
+    with pytest.raises(SetupError, match=r"2 outputs.*10 classes.*sizes '\[3072, 16, 10\]'"):
+        trainer(tmp_path).fit(model, TensorData())
+
+
+def test_bad_switch_values():
+    with pytest.raises(ValueError, match="backprop must be one of"):
+        HandgradClassifier(SIZES, backprop="numpy")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        HandgradClassifier(SIZES, optimizer="adam")
+
+
+def test_metrics_match_recomputed_predictions(tmp_path):
+    init, model, _ = fit(tmp_path)
+    data = TensorData()
+    trainer_ = trainer(tmp_path)
+    metrics = trainer_.validate(model, data, verbose=False)[0]
+    with torch.no_grad():
+        x, y = data.x["val"].double(), data.y["val"]
+        out = model.mlp(x)
+        pred = out.argmax(1)
+        loss = F.cross_entropy(out, y)
+    cm = torch.zeros(10, 10, dtype=torch.long)
+    cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    assert torch.equal(model.confusion_matrix["val"], cm)
+    assert metrics["val/acc"] == pytest.approx((pred == y).double().mean().item(), abs=1e-6)
+    assert metrics["hp/val_acc"] == metrics["val/acc"]
+    assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-6)
+    for k in range(10):
+        mask = y == k
+        assert metrics[f"val/acc_class{k}"] == pytest.approx((pred[mask] == k).double().mean().item(), abs=1e-6)
+    assert pred.unique().numel() >= 3 and 0 < metrics["val/acc"] < 1  # a non-degenerate confusion matrix
+
+
+def test_lr_scheduler_is_stepped_each_epoch(tmp_path):
+    from functools import partial
+
+    sched = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    _, model, _ = fit(tmp_path, lr_scheduler=sched)
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**2)
+    assert model.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
+
+
+def test_logged_grad_norm_is_the_global_gradient_norm(tmp_path):
+    """train/grad_norm = sqrt(sum_p ||dL/dp||^2), checked against autograd gradients at the initial weights."""
+    L.seed_everything(265)
+    model = HandgradClassifier(SIZES)
+    ref = copy.deepcopy(model.mlp).double()
+    trainer(tmp_path, max_steps=1, log_every_n_steps=1).fit(model, TensorData())
+    x, y = TensorData().batches()[0]
+    F.cross_entropy(ref(x), y).backward()
+    expected = math.sqrt(sum((p.grad**2).sum().item() for p in ref.parameters()))
+    assert model.trainer.callback_metrics["train/grad_norm"].item() == pytest.approx(expected, rel=1e-10)
