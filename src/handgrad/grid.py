@@ -1,0 +1,516 @@
+"""A whole hyperparameter grid trained at once: K MLPs stacked on a member axis.
+
+Member k of the grid is the network of :mod:`handgrad.mlp` with its own weights
+W^l_k (n_l, n_{l-1}) and biases b^l_k; here they are stacked into one tensor per layer,
+``weight[l]`` of shape (K, n_l, n_{l-1}) and ``bias[l]`` of shape (K, 1, n_l), and every
+member sees the same mini-batch x (N, n_0). With a^0_k = x for every k:
+
+    z^l_k = a^{l-1}_k W^{l T}_k + b^l_k        torch.baddbmm over the member axis   (K, N, n_l)
+    a^l_k = f_l(z^l_k)
+
+The backward pass is the delta recursion of :mod:`handgrad.backprop` with the member axis
+in front (g_k = dL_k/da^L_k, each member's loss L_k is its own mean over the batch):
+
+    delta^L_k     = g_k ⊙ f_L'(z^L_k)                       (K, N, n_L)
+    delta^{l-1}_k = (delta^l_k W^l_k) ⊙ f_{l-1}'(z^{l-1}_k)  torch.bmm  (K, N, n_{l-1})
+    dL_k/dW^l_k   = delta^{l T}_k a^{l-1}_k                  torch.bmm  (K, n_l, n_{l-1})
+    dL_k/db^l_k   = sum_n delta^l_{k,n}                                 (K, 1, n_l)
+
+Members never mix: every product is batched over k, so member k's numbers are those of
+the same network trained alone (up to floating-point summation order inside a matrix
+product). The SGD step (:class:`GridSGD`) takes per-member lr / momentum / dampening /
+weight decay / nesterov as (K, 1, 1) tensors, and a member whose loss is not finite
+is frozen on the device (its update is replaced by "keep the old value"), without a
+host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from handgrad import activations
+from handgrad.losses import cross_entropy
+from handgrad.mlp import MLP
+
+HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+HPARAM_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+SUPPORTED_PRECISIONS = ("32-true", "64-true")
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def _member(d: dict, where: str) -> dict:
+    """One member's SGD hyperparameters, defaults filled in and checked as torch.optim.SGD checks them."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: expected a mapping like {{lr: 0.01, momentum: 0.9}}, got {d!r}")
+    unknown = sorted(set(d) - set(HPARAMS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; a member is described by {list(HPARAMS)}")
+    if "lr" not in d:
+        raise ValueError(f"{where}: 'lr' is required (got {d!r})")
+    m = {**HPARAM_DEFAULTS, **d}
+    m = {k: (bool(m[k]) if k == "nesterov" else float(m[k])) for k in HPARAMS}
+    if not m["lr"] >= 0:
+        raise ValueError(f"{where}: lr must be >= 0, got {m['lr']}")
+    if not m["momentum"] >= 0:
+        raise ValueError(f"{where}: momentum must be >= 0, got {m['momentum']}")
+    if not m["weight_decay"] >= 0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {m['weight_decay']}")
+    if m["nesterov"] and (m["momentum"] <= 0 or m["dampening"] != 0):
+        raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening = 0, got {m}")
+    return m
+
+
+def expand_grid(grid: Optional[dict] = None, members: Optional[Sequence[dict]] = None) -> list[dict]:
+    """The list of members, from exactly one of:
+
+    - ``grid``: lists per hyperparameter, e.g. ``{lr: [0.01, 0.1], momentum: [0, 0.9]}``; the members
+      are their cartesian product, ordered as ``itertools.product`` over (lr, momentum, dampening,
+      weight_decay, nesterov) (missing keys take the torch.optim.SGD default);
+    - ``members``: an explicit list, e.g. ``[{lr: 0.01}, {lr: 0.01, momentum: 0.9, weight_decay: 0.001}]``.
+    """
+    if (grid is None) == (members is None):
+        raise ValueError("give exactly one of `grid` (lists, cartesian product) or `members` (explicit list); "
+                         "to replace the members of configs/grid.yaml by a product: "
+                         "--model.members null --model.grid '{lr: [0.01, 0.1], momentum: [0, 0.9]}'")
+    if members is not None:
+        if len(members) == 0:
+            raise ValueError("`members` is empty: list at least one configuration, e.g. [{lr: 0.01}]")
+        return [_member(dict(m), f"members[{i}]") for i, m in enumerate(members)]
+    if not isinstance(grid, dict):
+        raise TypeError(f"`grid` must map hyperparameter names to lists, got {grid!r}")
+    unknown = sorted(set(grid) - set(HPARAMS))
+    if unknown:
+        raise ValueError(f"grid: unknown key(s) {unknown}; allowed: {list(HPARAMS)}")
+    if "lr" not in grid:
+        raise ValueError("grid: 'lr' is required, e.g. grid: {lr: [0.01]}")
+    axes = []
+    for k in HPARAMS:
+        v = grid.get(k, [HPARAM_DEFAULTS.get(k)])
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        if not v:
+            raise ValueError(f"grid: the list for {k!r} is empty")
+        axes.append(v)
+    return [_member(dict(zip(HPARAMS, combo)), f"grid member {i}") for i, combo in enumerate(itertools.product(*axes))]
+
+
+def member_name(k: int, m: dict) -> str:
+    """Run name of member k, e.g. ``member_02_lr0.01_m0.9_wd0.001`` (dampening / nesterov only when set)."""
+    name = f"member_{k:02d}_lr{m['lr']:g}_m{m['momentum']:g}_wd{m['weight_decay']:g}"
+    if m["dampening"]:
+        name += f"_d{m['dampening']:g}"
+    if m["nesterov"]:
+        name += "_nesterov"
+    return name
+
+
+# ----------------------------------------------------------------------------- the batched network
+
+
+class GridMLP(nn.Module):
+    """K copies of ``MLP(sizes, activation, output_activation)`` as one module.
+
+    ``weight[str(l)]``: (K, n_l, n_{l-1}), ``bias[str(l)]``: (K, 1, n_l); ``a``, ``z``: the
+    forward cache (a[0] is the shared input (N, n_0), a[l], z[l] are (K, N, n_l));
+    ``dL_dw``, ``dL_db``: filled by :func:`grid_backward`.
+    """
+
+    def __init__(self, sizes: Sequence[int], num_members: int, activation: str = "relu",
+                 output_activation: Optional[str] = None):
+        super().__init__()
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or any(s < 1 for s in sizes):
+            raise ValueError(f"sizes must list at least two positive layer widths (input, ..., output), got {sizes}")
+        if num_members < 1:
+            raise ValueError(f"num_members must be >= 1, got {num_members}")
+        self.n_l, self.L, self.K = sizes, len(sizes) - 1, int(num_members)
+        self.activation, self.output_activation = activation, output_activation
+        self.weight = nn.ParameterDict(
+            {str(l): nn.Parameter(torch.zeros(self.K, sizes[l], sizes[l - 1])) for l in range(1, self.L + 1)})
+        self.bias = nn.ParameterDict(
+            {str(l): nn.Parameter(torch.zeros(self.K, 1, sizes[l])) for l in range(1, self.L + 1)})
+        hidden, out = activations.get(activation), activations.get(output_activation)
+        self.f = {l: (out if l == self.L else hidden)[0] for l in range(1, self.L + 1)}
+        self.df = {l: (out if l == self.L else hidden)[1] for l in range(1, self.L + 1)}
+        self.a: dict[int, Tensor] = {}
+        self.z: dict[int, Tensor] = {}
+        self.dL_dw: dict[int, Tensor] = {}
+        self.dL_db: dict[int, Tensor] = {}
+
+    @torch.no_grad()
+    def load_mlp(self, mlp: MLP, members: Optional[Sequence[int]] = None) -> "GridMLP":
+        """Copy one :class:`MLP`'s weights into the given member slices (all by default)."""
+        if list(mlp.n_l) != self.n_l:
+            raise ValueError(f"MLP sizes {mlp.n_l} differ from the grid's {self.n_l}")
+        ks = range(self.K) if members is None else members
+        for l in range(1, self.L + 1):
+            for k in ks:
+                self.weight[str(l)][k].copy_(mlp.fc[str(l)].weight)
+                self.bias[str(l)][k, 0].copy_(mlp.fc[str(l)].bias)
+        return self
+
+    @torch.no_grad()
+    def member(self, k: int) -> MLP:
+        """Member k as a standalone :class:`MLP` (a copy, same dtype and device)."""
+        if not 0 <= k < self.K:
+            raise IndexError(f"member {k} does not exist: the grid has K = {self.K} members")
+        w = self.weight["1"]
+        mlp = MLP(self.n_l, self.activation, self.output_activation).to(device=w.device, dtype=w.dtype)
+        for l in range(1, self.L + 1):
+            mlp.fc[str(l)].weight.copy_(self.weight[str(l)][k])
+            mlp.fc[str(l)].bias.copy_(self.bias[str(l)][k, 0])
+        return mlp
+
+    def forward(self, x: Tensor, member: Optional[int] = None) -> Tensor:
+        """Logits (K, N, n_L) of every member, or (1, N, n_L) of one member when ``member`` is given.
+
+        z^l = baddbmm(b^l, a^{l-1}, W^{l T}): the shared input enters as a stride-0 expand, no copy.
+        """
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch of inputs of shape (N, ...), got shape {tuple(x.shape)}")
+        a0 = x.flatten(1)
+        if a0.shape[1] != self.n_l[0]:
+            raise ValueError(
+                f"input has {a0.shape[1]} features per sample (shape {tuple(x.shape)}), the network expects n_0 = {self.n_l[0]}")
+        ks = slice(None) if member is None else slice(member, member + 1)
+        self.a = {0: a0}
+        self.z = {}
+        a = a0.expand(self.K if member is None else 1, *a0.shape)
+        for l in range(1, self.L + 1):
+            z = torch.baddbmm(self.bias[str(l)][ks], a, self.weight[str(l)][ks].transpose(1, 2))
+            a = self.f[l](z)
+            self.z[l], self.a[l] = z, a
+        return a
+
+
+def _grad_buffer(p: Tensor) -> Tensor:
+    """``p.grad`` to be overwritten in place, or a new tensor. Reusing it matters on a CPU: the stacked
+    first-layer gradient is tens of MB, and a fresh allocation that large costs page faults every step."""
+    g = p.grad
+    if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        return torch.empty_like(p)
+    return g
+
+
+@torch.no_grad()
+def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
+    """The batched delta recursion (equations in the module docstring): fills the parameters' ``.grad``
+    (overwriting the previous gradient in place) and ``net.dL_dw[l]``, ``net.dL_db[l]`` (the same
+    tensors) from g = dL_k/da^L_k of shape (K, N, n_L)."""
+    L = net.L
+    if L not in net.z:
+        raise RuntimeError("grid_backward() needs the cached activations: call net(x) first")
+    if grad_output.shape != net.a[L].shape or net.a[L].shape[0] != net.K:
+        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}, the grid's output a[L] has "
+                         f"{tuple(net.a[L].shape)} (a backward pass needs the forward of all K = {net.K} members)")
+    delta = grad_output * net.df[L](net.z[L])
+    for l in range(L, 0, -1):
+        a_prev = net.a[l - 1] if l > 1 else net.a[0].expand(net.K, *net.a[0].shape)
+        W, b = net.weight[str(l)], net.bias[str(l)]
+        W.grad = torch.bmm(delta.transpose(1, 2), a_prev, out=_grad_buffer(W))
+        b.grad = torch.sum(delta, 1, keepdim=True, out=_grad_buffer(b))
+        net.dL_dw[l], net.dL_db[l] = W.grad, b.grad
+        if l > 1:
+            delta = torch.bmm(delta, W) * net.df[l - 1](net.z[l - 1])
+
+
+def member_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Each member's mean cross entropy L_k = -(1/N) sum_n log p_{k,n,t_n} and g_k = dL_k/dlogits_k.
+
+    :func:`handgrad.losses.cross_entropy` (which takes (N, C)) applied to each member's logits
+    (K, N, C); returns losses (K,) and gradients (K, N, C). K is small (a grid), so the loop costs
+    a few kernel launches and gives each member exactly the numbers a single model would get.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"member_cross_entropy: logits must have shape (K, N, C), got {tuple(logits.shape)}")
+    losses, grads = zip(*(cross_entropy(logits[k], target) for k in range(logits.shape[0])))
+    return torch.stack(losses), torch.stack(grads)
+
+
+# ----------------------------------------------------------------------------- the batched SGD step
+
+
+class GridSGD(Optimizer):
+    """SGD of :mod:`handgrad.optim` with one set of hyperparameters per member.
+
+    Every parameter has the member axis first (K, ...). With per-member γ_k (lr), μ_k (momentum),
+    τ_k (dampening), λ_k (weight decay), ν_k (nesterov), all broadcast as (K, 1, 1) tensors:
+
+        g_t = g_t + λ p_{t-1}
+        b_t = g_t                              at the first step
+        b_t = μ b_{t-1} + (1 - τ') g_t         after that, with τ' = τ where μ != 0 and τ' = 0 where μ = 0
+        d_t = g_t + μ b_t  where ν,  b_t elsewhere
+        p_t = p_{t-1} - γ d_t                  where alive,  p_{t-1} where not (a frozen member)
+
+    One formula serves every member: for μ = 0 it gives b_t = 0·b_{t-1} + 1·g_t = g_t exactly,
+    i.e. plain SGD, as torch.optim.SGD without momentum (which also ignores dampening then:
+    hence τ'). λ = 0 adds 0·p = 0. The buffers (``state[p]["momentum_buffer"]``) are
+    saved in checkpoints with the optimizer state; the hyperparameters are plain lists in the
+    param group (saved as well), turned into device tensors once per device and dtype.
+
+    ``step(alive=mask)`` takes a (K,) boolean tensor on the device: members where it is False
+    keep their parameters unchanged (torch.where, so a NaN update cannot leak in).
+
+    Every full-size operation writes into the momentum buffer or into one reused work tensor per
+    parameter (``out=``), with no fresh allocation per step: on a CPU a fresh allocation of the
+    stacked first layer (tens of MB) page-faults every time and costs more than the arithmetic.
+    """
+
+    def __init__(self, params, lr: Sequence[float], momentum: Sequence[float], dampening: Sequence[float],
+                 weight_decay: Sequence[float], nesterov: Sequence[bool]):
+        hp = {"lr": [float(v) for v in lr], "momentum": [float(v) for v in momentum],
+              "dampening": [float(v) for v in dampening], "weight_decay": [float(v) for v in weight_decay],
+              "nesterov": [bool(v) for v in nesterov]}
+        K = len(hp["lr"])
+        if K == 0 or any(len(v) != K for v in hp.values()):
+            raise ValueError(f"GridSGD: every hyperparameter needs one value per member, got lengths "
+                             f"{ {k: len(v) for k, v in hp.items()} }")
+        for k in range(K):
+            _member({name: v[k] for name, v in hp.items()}, f"GridSGD member {k}")
+        super().__init__(params, hp)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() < 1 or p.shape[0] != K:
+                    raise ValueError(f"GridSGD: every parameter needs the member axis first (K = {K}), got shape "
+                                     f"{tuple(p.shape)}")
+        self._hp_cache: dict = {}
+        self._scratch: dict = {}  # one work tensor per parameter, reused every step (not state: not saved)
+
+    def _member_tensors(self, group: dict, like: Tensor) -> dict[str, Tensor]:
+        """The group's hyperparameters as (K, 1, 1) tensors on ``like``'s device and dtype (built once)."""
+        key = (like.device, like.dtype, *(tuple(group[k]) for k in HPARAMS))
+        if key not in self._hp_cache:
+            t = {k: torch.tensor(group[k], dtype=like.dtype).view(-1, 1, 1) for k in HPARAMS if k != "nesterov"}
+            t["lr_neg"] = -t["lr"]
+            t["one_minus_dampening"] = torch.where(t["momentum"] != 0, 1 - t["dampening"], torch.ones_like(t["lr"]))
+            t["nesterov"] = torch.tensor(group["nesterov"]).view(-1, 1, 1)
+            self._hp_cache[key] = {k: v.to(like.device) for k, v in t.items()}
+        return self._hp_cache[key]
+
+    @torch.no_grad()
+    def step(self, closure=None, alive: Optional[Tensor] = None):
+        """One update of every parameter with a gradient (rule in the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            any_nesterov = any(group["nesterov"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                hp = self._member_tensors(group, p)
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                lr_neg, mu, wd = (hp[k].view(shape) for k in ("lr_neg", "momentum", "weight_decay"))
+                state = self.state[p]
+                d = self._scratch.get(p)
+                if d is None or d.shape != p.shape or d.dtype != p.dtype or d.device != p.device:
+                    d = self._scratch[p] = torch.empty_like(p)
+                torch.addcmul(p.grad, wd, p, out=d)  # g = g + λ p
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()  # b_1 = g
+                else:
+                    buf.mul_(mu).addcmul_(hp["one_minus_dampening"].view(shape), d)  # b = μ b + (1 - τ') g
+                if any_nesterov:
+                    torch.where(hp["nesterov"].view(shape), d.addcmul_(mu, buf), buf, out=d)  # d = g + μ b | b
+                    torch.addcmul(p, lr_neg, d, out=d)  # p - γ d
+                else:
+                    torch.addcmul(p, lr_neg, buf, out=d)  # p - γ b
+                if alive is None:
+                    p.copy_(d)
+                else:
+                    torch.where(alive.view(shape), d, p, out=p)
+        return loss
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def select_best(val_acc: Sequence[float], val_loss: Sequence[float], failed: Sequence[bool]) -> int:
+    """Index of the member with the highest val accuracy; ties go to the lower val loss, then to the
+    lower index. Failed members and members with a non-finite val accuracy are never selected."""
+    candidates = [k for k in range(len(val_acc))
+                  if not failed[k] and math.isfinite(val_acc[k])]
+    if not candidates:
+        raise RuntimeError("every member of the grid failed (diverged): nothing to select; lower the learning rates")
+    vl = [v if math.isfinite(v) else math.inf for v in val_loss]
+    return min(candidates, key=lambda k: (-val_acc[k], vl[k], k))
+
+
+# ----------------------------------------------------------------------------- the LightningModule
+
+
+class GridClassifier(L.LightningModule):
+    """K classifiers ``MLP(sizes, activation)``, one per grid member, trained together with the
+    hand-written batched backward (:func:`grid_backward`) and SGD step (:class:`GridSGD`).
+
+    Args:
+        grid: lists per hyperparameter (cartesian product), e.g. ``{lr: [0.01], momentum: [0, 0.9]}``.
+        members: or an explicit list of members, e.g. ``[{lr: 0.01, momentum: 0.9, weight_decay: 0.001}]``.
+            Keys: lr, momentum, dampening, weight_decay, nesterov (defaults as torch.optim.SGD).
+        sizes: layer widths [n_0, ..., n_L] (n_0 = 3072 for CIFAR, n_L = number of classes).
+        activation: hidden activation (see :mod:`handgrad.activations`); the output is linear.
+        init_seed: the initial weights are those of ``MLP(sizes, activation)`` built right after
+            ``torch.manual_seed(init_seed)`` (the global random state is left as it was), copied into
+            every member: each member starts where :class:`handgrad.module.HandgradClassifier` starts
+            when seeded with the same value. ``None``: build that MLP from the current global state.
+
+    Per-member metrics are summed on the device as (K,) tensors and read once per epoch into
+    ``self.history[name]`` (one list of K floats per epoch): train_loss, train_acc (means over the
+    epoch's training batches, as they were trained), val_loss, val_acc. A member whose training
+    loss is not finite is marked failed (``alive[k] = False``, ``failed_epoch[k]`` = its epoch) and
+    frozen; the others go on. Before ``trainer.test`` set ``test_member``: only that member is
+    evaluated, its numbers land in ``test_result``. With ``member_loggers`` set (a list of K loggers),
+    each member's epoch metrics go to its own logger (train/loss, train/acc, val/loss, val/acc).
+    """
+
+    def __init__(self, grid: Optional[dict] = None, members: Optional[list[dict]] = None,
+                 sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: str = "relu",
+                 init_seed: Optional[int] = 265):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.members = expand_grid(grid, members)
+        self.K = len(self.members)
+        self.sizes = [int(n) for n in sizes]
+        self.net = GridMLP(self.sizes, self.K, activation)
+        if init_seed is None:
+            mlp = MLP(self.sizes, activation)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                mlp = MLP(self.sizes, activation)
+        self.net.load_mlp(mlp)
+        self.register_buffer("alive", torch.ones(self.K, dtype=torch.bool))
+        self.register_buffer("failed_epoch", torch.full((self.K,), -1, dtype=torch.long))
+        self.history: dict[str, list[list[float]]] = {k: [] for k in METRICS}
+        self.member_loggers: Optional[list] = None  # one Lightning logger per member, set by handgrad.sweep
+        self.test_member: Optional[int] = None
+        self.test_result: dict[str, float] = {}
+        self._sums: dict[str, list] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.precision not in SUPPORTED_PRECISIONS:
+            raise ValueError(f"trainer.precision={self.trainer.precision!r} is not supported: the hand-written "
+                             f"backward and SGD step run in one dtype. Use one of {SUPPORTED_PRECISIONS}.")
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        if names is not None and len(names) != self.sizes[-1]:
+            raise ValueError(f"the model has {self.sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} "
+                             f"classes {list(names)}; set --model.sizes '{[*self.sizes[:-1], len(names)]}'")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self):
+        return GridSGD(self.net.parameters(), **{k: [m[k] for m in self.members] for k in HPARAMS})
+
+    # ---------------------------------------------------------------- per-member metrics, on the device
+
+    def _accumulate(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Add N * loss_k and the number of correct predictions of each member, (K,) tensors."""
+        n = y.shape[0]
+        correct = (logits.argmax(-1) == y).sum(-1)
+        if stage not in self._sums:
+            self._sums[stage] = [loss * n, correct, n]
+        else:
+            s = self._sums[stage]
+            s[0], s[1], s[2] = s[0] + loss * n, s[1] + correct, s[2] + n
+
+    def _read(self, stage: str, alive: Tensor) -> tuple[list[float], list[float]]:
+        """Epoch means (loss, accuracy) per member, NaN where not ``alive``: a few host reads per epoch.
+        The accuracy is correct / N in Python floats (exact counts, no float32 rounding)."""
+        loss_sum, correct, n = self._sums.pop(stage)
+        ok, loss_sum, correct = alive.tolist(), loss_sum.tolist(), correct.tolist()
+        loss = [s / n if a else math.nan for a, s in zip(ok, loss_sum)]
+        acc = [c / n if a else math.nan for a, c in zip(ok, correct)]
+        return loss, acc
+
+    # ---------------------------------------------------------------- training
+
+    def on_train_epoch_start(self) -> None:
+        self._sums.pop("train", None)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        opt = self.optimizers()
+        with torch.no_grad():  # no graph: the gradients come from the cached activations
+            logits = self.net(x)
+            loss, g = member_cross_entropy(logits, y)
+            newly_failed = self.alive & ~torch.isfinite(loss)  # on the device: no sync
+            self.failed_epoch.copy_(torch.where(newly_failed, self.current_epoch, self.failed_epoch))
+            self.alive &= ~newly_failed
+            grid_backward(self.net, g)
+            opt.step(alive=self.alive)  # through Lightning: counts the step, feeds checkpoints
+            self._accumulate("train", loss, logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        if "train" not in self._sums:
+            return
+        loss, acc = self._read("train", self.alive)
+        self.history["train_loss"].append(loss)
+        self.history["train_acc"].append(acc)
+        if self.member_loggers:
+            self._log_members()
+
+    def _log_members(self) -> None:
+        """This epoch's numbers of member k to ``member_loggers[k]`` (its own TensorBoard run)."""
+        h, epoch = self.history, len(self.history["train_loss"])
+        has_val = len(h["val_loss"]) == epoch  # validation ran at the end of this epoch
+        for k, logger in enumerate(self.member_loggers):
+            metrics = {"train/loss": h["train_loss"][-1][k], "train/acc": h["train_acc"][-1][k]}
+            if has_val:
+                metrics.update({"val/loss": h["val_loss"][-1][k], "val/acc": h["val_acc"][-1][k]})
+            logger.log_metrics({name: v for name, v in metrics.items() if math.isfinite(v)}, step=self.global_step)
+
+    # ---------------------------------------------------------------- validation and test
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self._accumulate("val", member_cross_entropy(logits, y)[0], logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        if "val" not in self._sums:
+            return
+        loss, acc = self._read("val", self.alive)
+        if self.trainer.sanity_checking:
+            return
+        self.history["val_loss"].append(loss)
+        self.history["val_acc"].append(acc)
+        finite = [a for a in acc if math.isfinite(a)]
+        self.log_dict({"grid/members_alive": float(len(finite)),
+                       "grid/best_val_acc": max(finite) if finite else math.nan}, prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        if self.test_member is None or not 0 <= self.test_member < self.K:
+            raise RuntimeError(f"set model.test_member to the selected member (0..{self.K - 1}) before "
+                               "trainer.test: only that member is evaluated on the test set")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x, member=self.test_member)
+        self._accumulate("test", member_cross_entropy(logits, y)[0], logits, y)
+
+    def on_test_epoch_end(self) -> None:
+        k = self.test_member
+        loss, acc = self._read("test", self.alive[k:k + 1])
+        self.test_result = {"test_loss": loss[0], "test_acc": acc[0]}
+        self.log_dict({"test/loss": loss[0], "test/acc": acc[0]})
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grid_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = checkpoint.get("grid_history", self.history)
