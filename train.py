@@ -11,29 +11,48 @@
     python train.py sweep ...                           # grid search (handgrad.sweep)
 
 Logs and checkpoints go to lightning_logs/version_N/ (see them with `tensorboard --logdir lightning_logs`).
+
+Several GPUs or nodes: Lightning's launchers, e.g. `python train.py fit --trainer.devices 4 --trainer.strategy ddp`
+or `torchrun --nnodes 2 --nproc_per_node 4 ... train.py fit --trainer.num_nodes 2 --trainer.devices 4`; the
+hand-written gradients are averaged over all processes (handgrad.distributed). Checkpoints are written atomically;
+`--last_checkpoint.every_n_train_steps N` bounds what a kill loses to N steps (resume with --ckpt_path).
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import tempfile
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
+import yaml
 from jsonargparse import lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from handgrad.data import BadDataError, CIFAR10DataModule, DataNotFoundError
-from handgrad.module import HandgradClassifier, NonFiniteLossError, SetupError
+from handgrad.distributed import AtomicCheckpointIO, CheckpointError
+from handgrad.module import (ARCHITECTURE, ConfigError, HandgradClassifier, NonFiniteLossError, SetupError,
+                             check_architecture, list_or_value)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+# ddp_spawn pickles the trainer; jsonargparse defines the class of a lazy default (LazyInstance_<Class>) in the
+# module that first asks for one: ask here, at import, so that a spawned process importing this file has them too.
+lazy_instance(TensorBoardLogger), lazy_instance(AtomicCheckpointIO)
+
+
+class OutputDirError(RuntimeError):
+    """The log or checkpoint folder cannot be written."""
 
 
 class HandgradCLI(LightningCLI):
     """LightningCLI with this project's defaults: TensorBoard logs in ./lightning_logs/version_N and, beside them in
-    checkpoints/, the best checkpoint by val/acc (--checkpoint.*) and last.ckpt (--last_checkpoint.*)."""
+    checkpoints/, the best checkpoint by val/acc (--checkpoint.*) and last.ckpt (--last_checkpoint.*), written
+    atomically (AtomicCheckpointIO). Bad option values and unwritable output folders are refused before any work."""
 
     def __init__(self, args=None, run: bool = True):
         with warnings.catch_warnings():  # it warns when args are given and sys.argv has some: intended here
@@ -44,7 +63,8 @@ class HandgradCLI(LightningCLI):
                 args=args,
                 run=run,
                 trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir=".", name="lightning_logs",
-                                                          default_hp_metric=False)},
+                                                          default_hp_metric=False),
+                                  "plugins": lazy_instance(AtomicCheckpointIO)},
                 auto_configure_optimizers=False,  # the optimizer is a model option: --model.optimizer handgrad|torch
                 parser_kwargs={"description": __doc__, "formatter_class": RawDescriptionHelpFormatter},
             )
@@ -62,11 +82,93 @@ class HandgradCLI(LightningCLI):
             "last_checkpoint.filename": "last",  # monitor None, top 1: the latest state, overwritten each time
         })
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (DataNotFoundError, BadDataError):
+            raise
+        except (ValueError, MisconfigurationException) as err:  # a constructor refused an option value
+            raise ConfigError(str(err)) from err
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI builds the model with the hyperparameters stored in --ckpt_path. First, before anything
+        is built or written: a missing or unreadable checkpoint, or one whose architecture differs from the one
+        the options ask for (not the default), is a clear error instead of a traceback or a silent override."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        special = ckpt_path in ("best", "last", "hpc") or str(ckpt_path).startswith("registry") \
+            or "://" in str(ckpt_path)
+        if ckpt_path and not special:
+            if not Path(ckpt_path).is_file():
+                raise CheckpointError(f"checkpoint {ckpt_path} does not exist; check --ckpt_path (e.g. "
+                                      f"lightning_logs/version_N/checkpoints/last.ckpt).")
+            checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+            asked = self.config[subcommand]["model"]
+            defaults = inspect.signature(HandgradClassifier).parameters
+            explicit = {k: asked[k] for k in ARCHITECTURE
+                        if list_or_value(asked[k]) != list_or_value(defaults[k].default)}  # asked for, not default
+            check_architecture(checkpoint, explicit, ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """Refuse bad input before anything is written: output folders, the model against the data."""
+        check_output_dirs(self.trainer)
+        self.model.check_data(self.datamodule)
+
+    before_validate = before_test = before_predict = before_fit
+
+
+def check_output_dirs(trainer) -> None:
+    """Refuse to start when a log or checkpoint folder cannot be written (read-only, or a file in the way), before
+    anything is trained or written: probe the nearest existing folder of each with a temporary file."""
+    dirs = {}  # folder -> the option that moves it
+    for logger in trainer.loggers:
+        dirs[getattr(logger, "log_dir", None) or logger.save_dir] = "--trainer.logger.init_args.save_dir DIR"
+    if not trainer.loggers:
+        dirs[trainer.default_root_dir] = "--trainer.default_root_dir DIR"
+    for cb in trainer.checkpoint_callbacks:
+        if cb.dirpath:
+            dirs[cb.dirpath] = "--checkpoint.dirpath DIR / --last_checkpoint.dirpath DIR"
+    for d, option in dirs.items():
+        if d is None or "://" in str(d):  # remote storage: nothing to probe here
+            continue
+        existing = Path(d).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise OutputDirError(f"cannot write to {d} ({err.strerror}: {existing}); nothing was run. Make it "
+                                 f"writable, or write elsewhere: run from a writable folder or set {option}.") from None
+
+
+def check_config_files(args: list[str]) -> None:
+    """A --config file that is not valid YAML: name the file, the line and the problem (jsonargparse would only
+    say "<unicode string>"). Missing files and wrong keys or values are left to jsonargparse's messages."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg[len("--config="):] \
+            if arg.startswith("--config=") else None
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {path} is not valid YAML: {problem}{where}. Fix the file (e.g. a missing "
+                              f"bracket, quote or colon, or tabs used for indentation).") from None
+
 
 def run_default(overrides: list[str]) -> HandgradCLI:
     """The main job: fit with configs/default.yaml (plus overrides), test the best checkpoint, print a summary."""
     cli = HandgradCLI(args=["--config", str(DEFAULT_CONFIG), *overrides], run=False)
     trainer = cli.trainer
+    check_output_dirs(trainer)
+    cli.model.check_data(cli.datamodule)
     trainer.fit(cli.model, datamodule=cli.datamodule)
     best, last = trainer.checkpoint_callbacks[:2]  # see HandgradCLI.add_arguments_to_parser
     summary = {"TensorBoard logs": f"{trainer.log_dir}   (tensorboard --logdir {Path(trainer.log_dir).parent})",
@@ -88,10 +190,12 @@ def main(args: list[str] | None = None):
             from handgrad.sweep import main as sweep_main  # imported only when asked for
 
             return sweep_main(args[1:])
+        check_config_files(args)
         if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
             return run_default(args)
         return HandgradCLI(args=args)
-    except (DataNotFoundError, BadDataError, SetupError) as err:  # say what is wrong and how to fix it, no traceback
+    except (DataNotFoundError, BadDataError, SetupError, ConfigError, CheckpointError, OutputDirError) as err:
+        # a user error: say what is wrong and how to fix it, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as err:

@@ -42,6 +42,7 @@ FOLDER_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.b
 CACHE_DIR = ".handgrad_cache"
 DOWNLOAD_TIMEOUT_S = 30  # seconds without an answer before the download counts as failed
 CACHE_VERSION = 1  # bump when the cached layout changes: old cache files are then ignored, not misread
+CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
 
 
 class DataNotFoundError(RuntimeError):
@@ -272,22 +273,42 @@ def load_uint8(data_dir: Path, source: Source, class_ids: list[int], workers: in
     path = cache_path(data_dir, source, files, class_ids)
     if path.is_file():
         try:
-            return torch.load(path, weights_only=True)
+            cached = torch.load(path, weights_only=True)
         except Exception as e:
             warnings.warn(f"ignoring unreadable cache {path} ({e}); decoding again")
+        else:
+            if is_current_cache(cached):
+                return {k: cached[k] for k in CACHE_KEYS}
+            warnings.warn(f"ignoring cache {path}: not written in this version's format (v{CACHE_VERSION}); "
+                          f"decoding again")
     data = decode(source, files, class_ids, workers)
     save_cache(path, data)
     return data
 
 
+def is_current_cache(cached) -> bool:
+    """Whether a loaded cache file holds this version's layout: its format version, and per split uint8 images
+    (N, 3, 32, 32) with int64 labels (N,)."""
+    if not isinstance(cached, dict) or cached.get("version") != CACHE_VERSION:
+        return False
+    for split in ("train", "test"):
+        x, y = cached.get(f"{split}_x"), cached.get(f"{split}_y")
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.uint8
+                and x.dim() == 4 and tuple(x.shape[1:]) == (3, 32, 32) and y.dtype == torch.int64
+                and tuple(y.shape) == (len(x),)):
+            return False
+    return True
+
+
 def save_cache(path: Path, data: dict) -> None:
-    """torch.save to a temp file in the cache folder, then os.replace: readers never see a partial file."""
+    """torch.save (with the format version) to a temp file in the cache folder, then os.replace: readers never
+    see a partial file."""
     tmp = None
     try:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
+            torch.save({"version": CACHE_VERSION, **{k: data[k] for k in CACHE_KEYS}}, f)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except OSError as e:

@@ -176,6 +176,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     Val and test are not sharded under DDP: every rank evaluates all of them (identical values on all ranks).
     """
 
+    dims = (3, 32, 32)  # the shape of one image (C, H, W): the model's input size is their product, 3072
+
     def __init__(self, data_dir: str = "data", classes: Sequence[str] = ("airplane", "bird"),
                  val_fraction: float = 0.2, split_seed: int = 265, batch_size: int = 256, shuffle: bool = False,
                  download: bool = True, num_workers: int = 0, pin_memory: bool = False):
@@ -189,9 +191,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         if len(classes) < 2:
             raise ValueError(f"classes={classes}: a classifier needs at least 2 classes, e.g. ['airplane', 'bird'].")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1), e.g. 0.2 for an 80/20 train/val split.")
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0.")
+            raise ValueError(f"--data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.2 for an 80/20 train/val "
+                             f"split.")
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1 (samples per batch, per process), got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"--data.num_workers must be >= 0 (0: decode in the main thread), got {num_workers}.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser()
         self.class_names = classes

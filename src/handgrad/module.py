@@ -10,10 +10,16 @@ One training step, in the course notation (see :mod:`handgrad.mlp`, :mod:`handgr
 Two switches swap a hand-written part for PyTorch's, so the two can be compared in one line:
 ``backprop="autograd"`` (``torch.nn.functional`` loss + ``loss.backward()``) and ``optimizer="torch"``
 (``torch.optim.SGD``). Everything else (loop, logging, checkpoints, metrics) is Lightning's and torchmetrics'.
+
+Under a distributed strategy (ddp, ddp_spawn) each process backpropagates its shard of the global batch and
+one all-reduce turns the local gradients into the global-batch gradient (:mod:`handgrad.distributed`) before
+the step, so W processes with batch B train exactly like one process with batch W*B.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Literal, Optional, Sequence
 
 import lightning as L
@@ -22,11 +28,17 @@ import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.cli import LRSchedulerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from handgrad import losses
+from handgrad.activations import ACTIVATIONS
 from handgrad.backprop import backward
+from handgrad.distributed import CheckpointError, all_reduce_gradients, is_distributed, world_size
 from handgrad.mlp import MLP
 from handgrad.optim import SGD
 
@@ -42,6 +54,29 @@ class NonFiniteLossError(RuntimeError):
 
 class SetupError(ValueError):
     """The trainer or the data do not fit the model (precision, number of classes); the message says how to fix it."""
+
+
+class ConfigError(ValueError):
+    """A hyperparameter is invalid (negative, NaN, wrong choice); the message names the command-line flag."""
+
+
+class WeightedMean(Metric):
+    """mean = Σ_i w_i v_i / Σ_i w_i over all updates (summed over processes when synced). Unlike
+    torchmetrics.MeanMetric it checks no value for NaN, which would read the device on every update."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("weighted_sum", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight) -> None:
+        self.weighted_sum += value * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        return self.weighted_sum / self.weight
 
 
 class HandgradClassifier(L.LightningModule):
@@ -80,14 +115,10 @@ class HandgradClassifier(L.LightningModule):
         nan_check_every_n_steps: Optional[int] = None,
     ):
         super().__init__()
-        for name, value, choices in (("loss", loss, LOSSES), ("backprop", backprop, BACKPROPS),
-                                     ("optimizer", optimizer, OPTIMIZERS)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        if log_histograms_every_n_steps < 0:
-            raise ValueError(f"log_histograms_every_n_steps must be >= 0 (0 = off), got {log_histograms_every_n_steps}")
-        if nan_check_every_n_steps is not None and nan_check_every_n_steps < 1:
-            raise ValueError(f"nan_check_every_n_steps must be >= 1 or None (automatic), got {nan_check_every_n_steps}")
+        check_hyperparameters(sizes=sizes, activation=activation, loss=loss, lr=lr, momentum=momentum,
+                              dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, backprop=backprop,
+                              optimizer=optimizer, log_histograms_every_n_steps=log_histograms_every_n_steps,
+                              nan_check_every_n_steps=nan_check_every_n_steps)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.lr_scheduler = lr_scheduler
@@ -95,11 +126,19 @@ class HandgradClassifier(L.LightningModule):
         self.num_classes = self.mlp.n_l[-1]
         self.class_names = [str(k) for k in range(self.num_classes)]  # replaced by the data's in setup()
         metric = dict(num_classes=self.num_classes, validate_args=False)  # validation would sync the GPU
+        # Under DDP each process trains on its own shard: train/acc sums its counts over processes when computed.
+        # train/loss is fed the global-batch loss (already all-reduced with the gradients, the same on every
+        # process). Val and test are not sharded (every process evaluates all of them), so their metrics are
+        # complete on each process and are not synced, which would count every sample once per process.
         self.train_acc = MulticlassAccuracy(average="micro", **metric)
-        self.val_acc = MulticlassAccuracy(average="micro", **metric)
-        self.test_acc = MulticlassAccuracy(average="micro", **metric)
-        self.val_confmat = MulticlassConfusionMatrix(**metric)
-        self.test_confmat = MulticlassConfusionMatrix(**metric)
+        self.train_loss = WeightedMean(sync_on_compute=False)
+        unsynced = dict(metric, sync_on_compute=False)
+        self.val_acc = MulticlassAccuracy(average="micro", **unsynced)
+        self.test_acc = MulticlassAccuracy(average="micro", **unsynced)
+        self.val_loss = WeightedMean(sync_on_compute=False)
+        self.test_loss = WeightedMean(sync_on_compute=False)
+        self.val_confmat = MulticlassConfusionMatrix(**unsynced)
+        self.test_confmat = MulticlassConfusionMatrix(**unsynced)
         self.confusion_matrix: dict[str, Tensor] = {}  # stage -> last confusion matrix (rows: true class)
         self._bad_step: Optional[Tensor] = None  # on device: first step with a non-finite loss, -1 if none
         self._hparams_logged = False
@@ -114,16 +153,52 @@ class HandgradClassifier(L.LightningModule):
                 f"run in one dtype and have no loss scaling or mixed-precision casts. Use one of "
                 f"{SUPPORTED_PRECISIONS} (e.g. --trainer.precision 64-true for exact comparisons)."
             )
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            raise SetupError(
+                f"strategy {type(strategy).__name__} is not supported: the hand-written backward pass and SGD step "
+                f"need every process to hold all parameters. Use one device or data parallel training "
+                f"(--trainer.strategy ddp or ddp_spawn)."
+            )
         datamodule = getattr(self.trainer, "datamodule", None)
+        self.check_data(datamodule)
         names = getattr(datamodule, "class_names", None)
         if names is not None:
-            if len(names) != self.num_classes:
-                sizes = [*self.mlp.n_l[:-1], len(names)]
-                raise SetupError(
-                    f"the model has {self.num_classes} outputs (sizes[-1]) but the data has {len(names)} classes "
-                    f"{list(names)}; set --model.sizes '{sizes}' (or change --data.classes)"
-                )
             self.class_names = [str(n) for n in names]
+
+    def check_data(self, datamodule) -> None:
+        """Raise :class:`SetupError` with the fitting --model.sizes when the data's input size (``dims``, e.g.
+        (3, 32, 32)) or number of classes (``class_names``) differ from the model's n_0 or n_L."""
+        dims = getattr(datamodule, "dims", None)
+        if dims is not None and math.prod(dims) != self.mlp.n_l[0]:
+            sizes = [math.prod(dims), *self.mlp.n_l[1:]]
+            raise SetupError(
+                f"the model's input size sizes[0] = {self.mlp.n_l[0]} does not match the data: "
+                f"{type(datamodule).__name__} gives {'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
+                f"set --model.sizes '{sizes}'"
+            )
+        names = getattr(datamodule, "class_names", None)
+        if names is not None and len(names) != self.num_classes:
+            sizes = [*self.mlp.n_l[:-1], len(names)]
+            raise SetupError(
+                f"the model has {self.num_classes} outputs (sizes[-1]) but the data has {len(names)} classes "
+                f"{list(names)}; set --model.sizes '{sizes}' (or change --data.classes)"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)
+
+    def check_checkpoint(self, checkpoint: dict, path=None) -> None:
+        """Refuse a checkpoint of another architecture, saying which flags would fit it (Lightning would fail on
+        the first tensor whose shape differs, or silently load weights trained with another activation)."""
+        check_architecture(checkpoint, {"sizes": self.mlp.n_l, "activation": self.hparams.activation}, path)
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        state = checkpoint.get("state_dict", {})
+        if bad := [f"{k}: {tuple(state[k].shape) if k in state else 'missing'} there, {tuple(shape)} here"
+                   for k, shape in own.items() if k not in state or state[k].shape != shape]:
+            where = f"checkpoint {path}" if path else "the checkpoint"
+            raise CheckpointError(f"{where} does not fit this model ({'; '.join(bad[:4])}); "
+                                  f"is it a handgrad checkpoint of the same --model.sizes?")
 
     def configure_optimizers(self):
         """The same SGD hyperparameters for the hand-written optimizer and torch.optim.SGD."""
@@ -152,18 +227,41 @@ class HandgradClassifier(L.LightningModule):
             return F.cross_entropy(out, y)
         return F.mse_loss(out, F.one_hot(y, self.num_classes).to(out.dtype))
 
-    def forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Forward pass, loss, and parameter gradients in ``.grad``; returns (output, loss)."""
+    def forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward pass, loss, and parameter gradients in ``.grad``; returns (output, loss, N).
+
+        With several processes, loss and gradients are those of the global batch, N = Σ_r n_r samples:
+        L = Σ_r n_r L_r / N and g = Σ_r n_r g_r / N (:func:`handgrad.distributed.all_reduce_gradients`)."""
+        n = len(y)
         if self.hparams.backprop == "handgrad":
             with torch.no_grad():  # no graph: the gradients come from the cached activations
                 out = self.mlp(x)
                 loss, grad_out = self.loss_and_grad(out, y)
-                backward(self.mlp, grad_out)
+                if n:
+                    backward(self.mlp, grad_out)
+                else:  # this process's share of a short last global batch is empty: it contributes nothing
+                    for p in self.parameters():
+                        p.grad = torch.zeros_like(p)
+            loss, n_total = all_reduce_gradients(self.parameters(), loss, n)  # (loss, n) on one process
+        elif self.ddp_averages_gradients():
+            # DDP's hooks average the local gradients, g = Σ_r g_r / W; weighting the local loss by n_r W / N
+            # (1 unless the batch splits unevenly) makes that the global-batch gradient Σ_r n_r g_r / N.
+            out = self.mlp(x)
+            loss = self.torch_loss(out, y)
+            global_loss, n_total = all_reduce_gradients([], loss.detach(), n)
+            self.manual_backward(loss * (n * world_size() / n_total) if n else out.sum())  # n = 0: zeros
+            loss = global_loss
         else:
             out = self.mlp(x)
             loss = self.torch_loss(out, y)
             self.manual_backward(loss)
-        return out.detach(), loss.detach()
+            loss, n_total = all_reduce_gradients(self.parameters(), loss.detach(), n)
+        return out.detach(), loss.detach(), n_total
+
+    def ddp_averages_gradients(self) -> bool:
+        """True when autograd's backward goes through DistributedDataParallel's gradient hooks."""
+        return (self._trainer is not None and is_distributed()
+                and isinstance(self.trainer.strategy.model, DistributedDataParallel))
 
     # ---------------------------------------------------------------- training
 
@@ -171,13 +269,15 @@ class HandgradClassifier(L.LightningModule):
         x, y = batch
         opt = self.optimizers()
         opt.zero_grad()
-        out, loss = self.forward_backward(x, y)
+        out, loss, n_total = self.forward_backward(x, y)  # the global batch's loss and gradient
         self.check_finite(loss)
         grad_norm = global_norm([p.grad for p in self.parameters()])
         self.log_histograms()
         opt.step()  # through Lightning: counts the step, feeds checkpoints and the precision plugin
-        self.train_acc.update(out, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
+        if len(y):  # (torchmetrics cannot take an empty share of a short last batch)
+            self.train_acc.update(out, y)
+        self.train_loss(loss, n_total)  # step value: this batch's loss; epoch value: mean over the samples
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         return loss
@@ -191,6 +291,24 @@ class HandgradClassifier(L.LightningModule):
             scheduler.step(self.trainer.callback_metrics["val/loss"])
         else:
             scheduler.step()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Catch up a schedule step that a resume skipped. The scheduler is stepped once per epoch, at its end, so
+        last_epoch = current_epoch during each epoch; a checkpoint written after an epoch's last batch but before
+        its end (``every_n_train_steps``) resumes in the next epoch without that end (and Lightning calls no
+        on_train_epoch_start for the resumed epoch). Host integers only: no sync."""
+        scheduler = self.lr_schedulers()
+        if scheduler is None or scheduler.last_epoch >= self.current_epoch:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            rank_zero_warn(f"resumed from a checkpoint written before the end of epoch {self.current_epoch - 1}: "
+                           f"ReduceLROnPlateau cannot take its step without that epoch's val/loss, so the learning "
+                           f"rate may differ from an uninterrupted run.")
+            return
+        with warnings.catch_warnings():  # torch warns of a scheduler step before the (resumed) optimizer's first
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            while scheduler.last_epoch < self.current_epoch:
+                scheduler.step()
 
     def on_fit_start(self) -> None:
         self._bad_step = None
@@ -238,10 +356,11 @@ class HandgradClassifier(L.LightningModule):
         x, y = batch
         out = self.mlp(x)
         loss, _ = self.loss_and_grad(out, y)
-        acc, confmat = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_confmat")
+        acc, confmat, mean_loss = (getattr(self, f"{stage}_{m}") for m in ("acc", "confmat", "loss"))
         acc.update(out, y)
         confmat.update(out, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        mean_loss.update(loss, len(y))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_start(self) -> None:
@@ -267,9 +386,10 @@ class HandgradClassifier(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         per_class = cm.diag() / cm.sum(1).clamp_min(1)
+        same = dict(sync_dist=True, reduce_fx="max")  # the same value on every process: max over them is it
         for name, value in zip(self.class_names, per_class):
-            self.log(f"{stage}/acc_{name}", value)
-        self.log(f"hp/{stage}_acc", getattr(self, f"{stage}_acc").compute())
+            self.log(f"{stage}/acc_{name}", value, **same)
+        self.log(f"hp/{stage}_acc", getattr(self, f"{stage}_acc").compute(), **same)
         self.confusion_matrix[stage] = cm.cpu()
         tb = self.tensorboard()
         if tb is None:
@@ -304,6 +424,60 @@ class HandgradClassifier(L.LightningModule):
         for name, p in self.mlp.named_parameters():
             tb.add_histogram(f"weights/{name}", p, self.global_step)
             tb.add_histogram(f"grads/{name}", p.grad, self.global_step)
+
+
+ARCHITECTURE = ("sizes", "activation")  # the hyperparameters a checkpoint's weights depend on
+
+
+def list_or_value(v):
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_architecture(checkpoint: dict, ours: dict, path=None) -> None:
+    """Raise :class:`CheckpointError` when a handgrad checkpoint was trained with another value of a key of
+    ``ours`` (sizes, activation): say what it was trained with, what was asked for, and the flags that fit it."""
+    theirs = checkpoint.get("hyper_parameters", {})
+    if "sizes" not in theirs:  # not a handgrad checkpoint: the state-dict shapes will tell
+        return
+    arch = {"sizes": list_or_value(theirs["sizes"]), "activation": theirs.get("activation", "relu")}
+    differ = [k for k in ours if list_or_value(ours[k]) != arch[k]]
+    if not differ:
+        return
+    asked = {**arch, **{k: list_or_value(v) for k, v in ours.items()}}
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    fix = " ".join(f"--model.{k} '{arch[k]}'" for k in differ)
+    raise CheckpointError(f"{where} was trained with sizes {arch['sizes']} and activation {arch['activation']!r}, "
+                          f"this model has sizes {asked['sizes']} and activation {asked['activation']!r}; pass {fix} "
+                          f"to use it (or leave out --ckpt_path to start anew).")
+
+
+def check_hyperparameters(*, sizes, activation, loss, lr, momentum, dampening, weight_decay, nesterov, backprop,
+                          optimizer, log_histograms_every_n_steps, nan_check_every_n_steps) -> None:
+    """Raise :class:`ConfigError` naming the flag (``--model.<name>``) for any value the model cannot train with."""
+    for name, value, choices in (("activation", activation, tuple(ACTIVATIONS)), ("loss", loss, LOSSES),
+                                 ("backprop", backprop, BACKPROPS), ("optimizer", optimizer, OPTIMIZERS)):
+        if value not in choices:
+            raise ConfigError(f"--model.{name} must be one of {choices}, got {value!r}")
+    if (isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) < 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)):
+        raise ConfigError(f"--model.sizes must list at least two positive layer widths [n_0, ..., n_L] "
+                          f"(n_0 = 3072 for CIFAR, n_L = number of classes), got {sizes!r}")
+    for name, value, high in (("lr", lr, math.inf), ("momentum", momentum, math.inf), ("dampening", dampening, 1),
+                              ("weight_decay", weight_decay, math.inf)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not 0 <= value <= high:
+            bound = "a finite number >= 0" if high == math.inf else f"a number in [0, {high}]"
+            raise ConfigError(f"--model.{name} must be {bound}, got {value!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ConfigError(f"--model.nesterov true needs --model.momentum > 0 and --model.dampening 0, got momentum "
+                          f"{momentum} and dampening {dampening}")
+    if not isinstance(log_histograms_every_n_steps, int) or log_histograms_every_n_steps < 0:
+        raise ConfigError(f"--model.log_histograms_every_n_steps must be >= 0 (0 = off), "
+                          f"got {log_histograms_every_n_steps!r}")
+    if nan_check_every_n_steps is not None and (not isinstance(nan_check_every_n_steps, int)
+                                                or nan_check_every_n_steps < 1):
+        raise ConfigError(f"--model.nan_check_every_n_steps must be >= 1 or null (automatic), "
+                          f"got {nan_check_every_n_steps!r}")
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
