@@ -222,3 +222,19 @@ def test_logged_grad_norm_is_the_global_gradient_norm(tmp_path):
     F.cross_entropy(ref(x), y).backward()
     expected = math.sqrt(sum((p.grad**2).sum().item() for p in ref.parameters()))
     assert model.trainer.callback_metrics["train/grad_norm"].item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_float64_resume_restores_the_weights_exactly(tmp_path):
+    """A float64 checkpoint must come back bitwise: Lightning loads weights before its precision plugin widens the
+    module, so the module widens itself in setup() (else the weights pass through float32 and are rounded)."""
+    _, full, _ = fit(tmp_path / "full")
+    L.seed_everything(265)
+    first = HandgradClassifier(SIZES)
+    t = trainer(tmp_path / "first", max_epochs=1)
+    t.fit(first, TensorData())
+    t.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = HandgradClassifier(SIZES)
+    trainer(tmp_path / "resumed").fit(resumed, TensorData(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert resumed.mlp.fc["1"].weight.dtype == torch.float64
+    for name, w in weights(full).items():
+        assert torch.equal(w, weights(resumed)[name]), name

@@ -153,6 +153,10 @@ class HandgradClassifier(L.LightningModule):
                 f"run in one dtype and have no loss scaling or mixed-precision casts. Use one of "
                 f"{SUPPORTED_PRECISIONS} (e.g. --trainer.precision 64-true for exact comparisons)."
             )
+        if precision == "64-true":
+            # Lightning restores checkpoint weights before its precision plugin converts the module: without this,
+            # a float64 checkpoint would be copied into float32 parameters (rounded) and only then widened again.
+            self.to(torch.float64)
         strategy = self.trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
             raise SetupError(
