@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handgrad.grid import (GridClassifier, GridMLP, GridSGD, HPARAMS, expand_grid, grid_backward,
                            member_cross_entropy, member_name, select_best)
+from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
 
 SIZES = [48, 24, 12, 3]  # small enough for the 2-core CPU, deep enough for the recursion
@@ -162,6 +163,25 @@ def test_grid_forward_and_backward_match_autograd_per_member():
     assert net.dL_dw[1] is net.weight["1"].grad and net.dL_dw[1].shape == (3, SIZES[1], SIZES[0])
 
 
+def test_member_cross_entropy_equals_the_single_model_loss_for_each_member():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 9, 3, generator=g, dtype=torch.float64) * 5
+    logits[2] *= 100  # large logits: the max shift must keep it finite
+    y = torch.randint(0, 3, (9,), generator=g)
+    loss, grad = member_cross_entropy(logits, y)
+    assert loss.shape == (4,) and grad.shape == logits.shape
+    for k in range(4):
+        ref_loss, ref_grad = cross_entropy(logits[k], y)
+        torch.testing.assert_close(loss[k], ref_loss, rtol=1e-14, atol=0)
+        torch.testing.assert_close(grad[k], ref_grad, rtol=1e-14, atol=1e-16)
+        torch.testing.assert_close(loss[k], F.cross_entropy(logits[k], y), rtol=1e-13, atol=0)
+    assert torch.isfinite(loss).all()
+    with pytest.raises(ValueError, match="class indices"):
+        member_cross_entropy(logits, y.double())
+    with pytest.raises(ValueError, match=r"\(K, N, C\)"):
+        member_cross_entropy(logits[0], y)
+
+
 def test_grid_backward_reuses_grad_buffers_and_checks_shapes():
     net, _ = _grid_of_distinct_members()
     x = torch.randn(4, SIZES[0], dtype=torch.float64)
@@ -194,11 +214,11 @@ def test_member_extraction_and_shared_initialisation():
             assert torch.equal(m.fc[str(l)].bias, ref.fc[str(l)].bias)
 
 
-def _sgd_pair(members, K):
+def _sgd_pair(members, K, per_member=None):
     net, mlps = _grid_of_distinct_members(K)
     hp = {h: [m.get(h, {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}.get(h))
               for m in members] for h in HPARAMS}
-    opt = GridSGD(net.parameters(), **hp)
+    opt = GridSGD(net.parameters(), **hp, per_member=per_member)
     refs = [torch.optim.SGD(m.parameters(), **members[k]) for k, m in enumerate(mlps)]
     return net, mlps, opt, refs
 
@@ -225,8 +245,11 @@ SGD_MEMBERS = [
 ]
 
 
-def test_grid_sgd_equals_torch_sgd_for_every_member():
-    net, mlps, opt, refs = _sgd_pair(SGD_MEMBERS, len(SGD_MEMBERS))
+@pytest.mark.parametrize("per_member", [True, False], ids=["per-member layout", "stacked layout"])
+def test_grid_sgd_equals_torch_sgd_for_every_member(per_member):
+    """Per member: torch.optim.SGD's own operations on slices, so bitwise equal. Stacked: (K, 1, 1) tensors and
+    addcmul, equal up to rounding (the stacked layout is the accelerator default, checked on the CPU here)."""
+    net, mlps, opt, refs = _sgd_pair(SGD_MEMBERS, len(SGD_MEMBERS), per_member)
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
         _set_grads(net, mlps, gen)
@@ -236,13 +259,34 @@ def test_grid_sgd_equals_torch_sgd_for_every_member():
     for k, m in enumerate(mlps):
         assert refs[k].state[m.fc["1"].weight].get("momentum_buffer") is not None or not SGD_MEMBERS[k].get("momentum")
         for l in range(1, len(SIZES)):
-            torch.testing.assert_close(net.weight[str(l)][k], m.fc[str(l)].weight, rtol=1e-15, atol=1e-15)
-            torch.testing.assert_close(net.bias[str(l)][k, 0], m.fc[str(l)].bias, rtol=1e-15, atol=1e-15)
+            mine = (net.weight[str(l)][k], net.bias[str(l)][k, 0])
+            ref = (m.fc[str(l)].weight, m.fc[str(l)].bias)
+            for a, b in zip(mine, ref):
+                if per_member:
+                    assert torch.equal(a, b), (k, l)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
     assert opt.state[net.weight["1"]]["momentum_buffer"].shape == net.weight["1"].shape
 
 
-def test_grid_sgd_alive_mask_freezes_a_member_and_keeps_the_others_going():
-    net, mlps, opt, refs = _sgd_pair(SGD_MEMBERS[:3], 3)
+def test_grid_sgd_layouts_agree_and_per_member_is_the_cpu_default():
+    members = SGD_MEMBERS
+    results = []
+    for per_member in (None, True, False):
+        net, mlps, opt, _ = _sgd_pair(members, len(members), per_member)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(4):
+            _set_grads(net, mlps, gen)
+            opt.step()
+        results.append([p.detach().clone() for p in net.parameters()])
+    for a, b, c in zip(*results):
+        assert torch.equal(a, b)  # None on a CPU = per member
+        torch.testing.assert_close(a, c, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("per_member", [True, False], ids=["per-member layout", "stacked layout"])
+def test_grid_sgd_alive_mask_freezes_a_member_and_keeps_the_others_going(per_member):
+    net, mlps, opt, refs = _sgd_pair(SGD_MEMBERS[:3], 3, per_member)
     gen = torch.Generator().manual_seed(2)
     frozen = {n: p[1].clone() for n, p in net.named_parameters()}
     alive = torch.tensor([True, False, True])

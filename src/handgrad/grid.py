@@ -19,16 +19,18 @@ in front (g_k = dL_k/da^L_k, each member's loss L_k is its own mean over the bat
 Members never mix: every product is batched over k, so member k's numbers are those of
 the same network trained alone (up to floating-point summation order inside a matrix
 product). The SGD step (:class:`GridSGD`) takes per-member lr / momentum / dampening /
-weight decay / nesterov as (K, 1, 1) tensors, and a member whose loss is not finite
-is frozen on the device (its update is replaced by "keep the old value"), without a
-host synchronisation per step.
+weight decay / nesterov (member by member on a CPU, for cache locality; as (K, 1, 1) tensors
+over the whole stack on an accelerator), and a member whose loss is not finite is frozen
+(its update is replaced by "keep the old value"), without a host synchronisation per step
+on an accelerator. ``GridClassifier(compile="cuda_graph" | "inductor")`` runs the whole
+training step as one CUDA graph or one compiled function (:class:`FusedStep`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import lightning as L
 import torch
@@ -36,7 +38,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from handgrad import activations
-from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -193,11 +194,12 @@ class GridMLP(nn.Module):
 
 
 def _grad_buffer(p: Tensor) -> Tensor:
-    """``p.grad`` to be overwritten in place, or a new tensor. Reusing it matters on a CPU: the stacked
-    first-layer gradient is tens of MB, and a fresh allocation that large costs page faults every step."""
+    """``p.grad``, to be overwritten in place; allocated (and attached to ``p``) only when missing or of another
+    shape. Reusing it matters on a CPU (the stacked first-layer gradient is tens of MB, and a fresh allocation that
+    large page-faults every step) and for a captured or compiled step (the gradient keeps its address)."""
     g = p.grad
     if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        return torch.empty_like(p)
+        g = p.grad = torch.empty_like(p)
     return g
 
 
@@ -216,24 +218,35 @@ def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
     for l in range(L, 0, -1):
         a_prev = net.a[l - 1] if l > 1 else net.a[0].expand(net.K, *net.a[0].shape)
         W, b = net.weight[str(l)], net.bias[str(l)]
-        W.grad = torch.bmm(delta.transpose(1, 2), a_prev, out=_grad_buffer(W))
-        b.grad = torch.sum(delta, 1, keepdim=True, out=_grad_buffer(b))
-        net.dL_dw[l], net.dL_db[l] = W.grad, b.grad
+        net.dL_dw[l] = torch.bmm(delta.transpose(1, 2), a_prev, out=_grad_buffer(W))
+        net.dL_db[l] = torch.sum(delta, 1, keepdim=True, out=_grad_buffer(b))
         if l > 1:
             delta = torch.bmm(delta, W) * net.df[l - 1](net.z[l - 1])
 
 
 def member_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Each member's mean cross entropy L_k = -(1/N) sum_n log p_{k,n,t_n} and g_k = dL_k/dlogits_k.
+    """Each member's mean cross entropy and its gradient, for logits (K, N, C) and one target (N,):
 
-    :func:`handgrad.losses.cross_entropy` (which takes (N, C)) applied to each member's logits
-    (K, N, C); returns losses (K,) and gradients (K, N, C). K is small (a grid), so the loop costs
-    a few kernel launches and gives each member exactly the numbers a single model would get.
+        log p_{k,n,c} = x_{k,n,c} - m_{k,n} - log sum_j exp(x_{k,n,j} - m_{k,n}),   m_{k,n} = max_j x_{k,n,j}
+        L_k = -(1/N) sum_n log p_{k,n,t_n}                                            (K,)
+        dL_k/dx_{k,n,c} = (p_{k,n,c} - [c == t_n]) / N                               (K, N, C)
+
+    :func:`handgrad.losses.cross_entropy` (N, C) with the member axis in front, in one set of kernels for
+    all members (a loop over k would launch K times as many; tests check it against that function).
     """
     if logits.dim() != 3:
         raise ValueError(f"member_cross_entropy: logits must have shape (K, N, C), got {tuple(logits.shape)}")
-    losses, grads = zip(*(cross_entropy(logits[k], target) for k in range(logits.shape[0])))
-    return torch.stack(losses), torch.stack(grads)
+    K, n, c = logits.shape
+    if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+        raise ValueError(f"member_cross_entropy: target must hold N = {n} class indices (an integer tensor of "
+                         f"shape ({n},)), got {target.dtype} of shape {tuple(target.shape)}")
+    target = target.long()
+    shifted = logits - logits.amax(dim=2, keepdim=True)
+    log_p = shifted - shifted.exp().sum(dim=2, keepdim=True).log()
+    one_hot = torch.zeros_like(logits[0]).scatter_(1, target[:, None], 1.0)  # (N, C), shared by every member
+    grad = (log_p.exp() - one_hot) / n
+    loss = -log_p.gather(2, target.expand(K, n)[..., None]).sum((1, 2)) / n
+    return loss, grad
 
 
 # ----------------------------------------------------------------------------- the batched SGD step
@@ -243,30 +256,36 @@ class GridSGD(Optimizer):
     """SGD of :mod:`handgrad.optim` with one set of hyperparameters per member.
 
     Every parameter has the member axis first (K, ...). With per-member γ_k (lr), μ_k (momentum),
-    τ_k (dampening), λ_k (weight decay), ν_k (nesterov), all broadcast as (K, 1, 1) tensors:
+    τ_k (dampening), λ_k (weight decay), ν_k (nesterov):
 
         g_t = g_t + λ p_{t-1}
         b_t = g_t                              at the first step
-        b_t = μ b_{t-1} + (1 - τ') g_t         after that, with τ' = τ where μ != 0 and τ' = 0 where μ = 0
-        d_t = g_t + μ b_t  where ν,  b_t elsewhere
+        b_t = μ b_{t-1} + (1 - τ) g_t          after that
+        d_t = g_t + μ b_t  where ν,  b_t elsewhere (and g_t where μ = 0: plain SGD, no buffer)
         p_t = p_{t-1} - γ d_t                  where alive,  p_{t-1} where not (a frozen member)
 
-    One formula serves every member: for μ = 0 it gives b_t = 0·b_{t-1} + 1·g_t = g_t exactly,
-    i.e. plain SGD, as torch.optim.SGD without momentum (which also ignores dampening then:
-    hence τ'). λ = 0 adds 0·p = 0. The buffers (``state[p]["momentum_buffer"]``) are
-    saved in checkpoints with the optimizer state; the hyperparameters are plain lists in the
-    param group (saved as well), turned into device tensors once per device and dtype.
+    The rule is written twice, as :mod:`handgrad.optim` writes it twice, for two memory layouts:
 
-    ``step(alive=mask)`` takes a (K,) boolean tensor on the device: members where it is False
-    keep their parameters unchanged (torch.where, so a NaN update cannot leak in).
+    - per member (:func:`_member_sgd`, the default on a CPU): for k = 0..K-1 the slice ``p[k]`` is updated with
+      exactly torch.optim.SGD's single-tensor operations and member k's hyperparameters as Python numbers
+      (bitwise equal to torch.optim.SGD). One member's slices stay in the CPU cache through all the operations,
+      where a pass over the whole stacked (K, 512, 3072) tensor per operation would go to main memory each
+      time (measured: 5x slower). Frozen members are skipped, which reads ``alive`` on the host: free on a CPU.
+    - stacked (:func:`_stacked_sgd`, the default on accelerators): each line is one operation on the whole
+      (K, ...) tensor with the hyperparameters as (K, 1, 1) tensors, ``alive`` used on the device through
+      ``torch.where`` (so a NaN update cannot leak in): a few kernels per parameter, no host synchronisation,
+      capturable in a CUDA graph. For μ = 0 it computes b_t = 0·b_{t-1} + 1·g_t = g_t, i.e. plain SGD
+      (hence τ' = τ where μ != 0 and 0 where μ = 0), and λ = 0 adds 0·p = 0.
 
-    Every full-size operation writes into the momentum buffer or into one reused work tensor per
-    parameter (``out=``), with no fresh allocation per step: on a CPU a fresh allocation of the
-    stacked first layer (tens of MB) page-faults every time and costs more than the arithmetic.
+    The buffers (``state[p]["momentum_buffer"]``, (K, ...)) are saved in checkpoints with the optimizer state;
+    the hyperparameters are plain lists in the param group (saved as well). ``per_member``: None chooses by
+    device as above; True or False forces a layout (both give the same numbers up to rounding).
+
+    ``step(alive=mask)`` takes a (K,) boolean tensor: members where it is False keep their parameters unchanged.
     """
 
     def __init__(self, params, lr: Sequence[float], momentum: Sequence[float], dampening: Sequence[float],
-                 weight_decay: Sequence[float], nesterov: Sequence[bool]):
+                 weight_decay: Sequence[float], nesterov: Sequence[bool], per_member: Optional[bool] = None):
         hp = {"lr": [float(v) for v in lr], "momentum": [float(v) for v in momentum],
               "dampening": [float(v) for v in dampening], "weight_decay": [float(v) for v in weight_decay],
               "nesterov": [bool(v) for v in nesterov]}
@@ -282,6 +301,7 @@ class GridSGD(Optimizer):
                 if p.dim() < 1 or p.shape[0] != K:
                     raise ValueError(f"GridSGD: every parameter needs the member axis first (K = {K}), got shape "
                                      f"{tuple(p.shape)}")
+        self.per_member = per_member
         self._hp_cache: dict = {}
         self._scratch: dict = {}  # one work tensor per parameter, reused every step (not state: not saved)
 
@@ -296,41 +316,92 @@ class GridSGD(Optimizer):
             self._hp_cache[key] = {k: v.to(like.device) for k, v in t.items()}
         return self._hp_cache[key]
 
+    def _work_tensor(self, p: Tensor) -> Tensor:
+        d = self._scratch.get(p)
+        if d is None or d.shape != p.shape or d.dtype != p.dtype or d.device != p.device:
+            d = self._scratch[p] = torch.empty_like(p)
+        return d
+
     @torch.no_grad()
-    def step(self, closure=None, alive: Optional[Tensor] = None):
-        """One update of every parameter with a gradient (rule in the class docstring)."""
+    def step(self, closure=None, alive: Optional[Tensor] = None, run=None):
+        """One update of every parameter with a gradient (rule in the class docstring).
+
+        ``run``: a callable that already performs the whole training step, this update included (a captured CUDA
+        graph or a compiled function, see :class:`GridClassifier`); ``step`` then only calls it, so that a caller
+        (Lightning) still sees and counts an optimizer step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            any_nesterov = any(group["nesterov"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                hp = self._member_tensors(group, p)
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                lr_neg, mu, wd = (hp[k].view(shape) for k in ("lr_neg", "momentum", "weight_decay"))
-                state = self.state[p]
-                d = self._scratch.get(p)
-                if d is None or d.shape != p.shape or d.dtype != p.dtype or d.device != p.device:
-                    d = self._scratch[p] = torch.empty_like(p)
-                torch.addcmul(p.grad, wd, p, out=d)  # g = g + λ p
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()  # b_1 = g
-                else:
-                    buf.mul_(mu).addcmul_(hp["one_minus_dampening"].view(shape), d)  # b = μ b + (1 - τ') g
-                if any_nesterov:
-                    torch.where(hp["nesterov"].view(shape), d.addcmul_(mu, buf), buf, out=d)  # d = g + μ b | b
-                    torch.addcmul(p, lr_neg, d, out=d)  # p - γ d
-                else:
-                    torch.addcmul(p, lr_neg, buf, out=d)  # p - γ b
-                if alive is None:
-                    p.copy_(d)
-                else:
-                    torch.where(alive.view(shape), d, p, out=p)
+        if run is not None:
+            run()
+        else:
+            self.update(alive)
         return loss
+
+    @torch.no_grad()
+    def update(self, alive: Optional[Tensor] = None) -> None:
+        """The update itself, in the layout ``per_member`` asks for (the first call creates the buffers)."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            first = [self.state[p].get("momentum_buffer") is None for p in params]
+            if any(first):  # the buffers are created once, zero; the first step writes b_1 = g into them
+                for p, new in zip(params, first):
+                    if new:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            scratch = [self._work_tensor(p) for p in params]
+            per_member = self.per_member if self.per_member is not None else all(p.is_cpu for p in params)
+            if per_member:
+                _member_sgd(params, bufs, scratch, group, alive=None if alive is None else alive.tolist(),
+                            first=first)
+            else:
+                _stacked_sgd(params, bufs, scratch, self._member_tensors(group, params[0]), alive=alive,
+                             first=first, any_nesterov=any(group["nesterov"]))
+
+
+def _member_sgd(params, bufs, scratch, group: dict, *, alive: Optional[list], first: list) -> None:
+    """The rule member by member: torch.optim.SGD's single-tensor operations on the slices p[k] (the CPU layout)."""
+    for i, p in enumerate(params):
+        for k in range(p.shape[0]):
+            if alive is not None and not alive[k]:
+                continue  # a frozen member: parameters and buffer untouched
+            lr, mu, damp, wd = (group[h][k] for h in ("lr", "momentum", "dampening", "weight_decay"))
+            g = p.grad[k]
+            if wd != 0:
+                g = torch.add(g, p[k], alpha=wd, out=scratch[i][k])  # g + λ p
+            if mu != 0:
+                b = bufs[i][k]
+                if first[i]:
+                    b.copy_(g)  # b_1 = g
+                else:
+                    b.mul_(mu).add_(g, alpha=1 - damp)  # b = μ b + (1 - τ) g
+                g = torch.add(g, b, alpha=mu, out=scratch[i][k]) if group["nesterov"][k] else b  # g + μ b | b
+            p[k].add_(g, alpha=-lr)  # p - γ d
+
+
+def _stacked_sgd(params, bufs, scratch, hp: dict, *, alive: Optional[Tensor], first: list, any_nesterov: bool) -> None:
+    """The rule on whole (K, ...) tensors, hyperparameters as (K, 1, 1) tensors (the accelerator layout); every
+    full-size operation writes into the buffer or the work tensor ``d`` (``out=``): no allocation per step."""
+    for p, buf, d, new in zip(params, bufs, scratch, first):
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        lr_neg, mu, wd = (hp[k].view(shape) for k in ("lr_neg", "momentum", "weight_decay"))
+        torch.addcmul(p.grad, wd, p, out=d)  # g = g + λ p
+        if new:
+            buf.copy_(d)  # b_1 = g
+        else:
+            buf.mul_(mu).addcmul_(hp["one_minus_dampening"].view(shape), d)  # b = μ b + (1 - τ') g
+        if any_nesterov:
+            torch.where(hp["nesterov"].view(shape), d.addcmul_(mu, buf), buf, out=d)  # d = g + μ b | b
+            torch.addcmul(p, lr_neg, d, out=d)  # p - γ d
+        else:
+            torch.addcmul(p, lr_neg, buf, out=d)  # p - γ b
+        if alive is None:
+            p.copy_(d)
+        else:
+            torch.where(alive.view(shape), d, p, out=p)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -350,6 +421,102 @@ def select_best(val_acc: Sequence[float], val_loss: Sequence[float], failed: Seq
 # ----------------------------------------------------------------------------- the LightningModule
 
 
+class FusedStep:
+    """The whole training step of a :class:`GridClassifier` (forward, losses, failure mask, backward, SGD update,
+    metric sums) as one function of (x, y) made of tensor operations only, run either
+
+    - ``"inductor"``: through ``torch.compile`` (fused kernels; C++ on a CPU, Triton on a GPU), one compiled
+      graph per batch shape (the last, shorter batch of an epoch gets its own);
+    - ``"cuda_graph"``: recorded once per batch shape as a CUDA graph and replayed (one launch per step
+      instead of ~100 kernel launches); the batch is copied into the graph's static input tensors first.
+      The first step of each shape runs eagerly on a side stream (the usual warm-up), the second is
+      recorded and replayed, later ones are replayed.
+
+    It is valid only while every tensor it touches keeps its address: parameters, gradients, momentum buffers,
+    work tensors, ``alive``/``failed_epoch`` and the metric sums are all updated in place (and the gradients are
+    kept through validation, see ``GridClassifier.on_validation_model_zero_grad``); every step checks those
+    addresses (a few dozen pointer reads) and rebuilds the plan, dropping the graphs, when one has moved.
+    """
+
+    def __init__(self, model: "GridClassifier", mode: str):
+        self.model, self.mode = model, mode
+        self.plan: Optional[list] = None  # per param group: (params, bufs, scratch, hp tensors, any_nesterov)
+        self._addresses: list = []  # where every tensor the step touches was when the plan was made
+        self.compiled = None
+        self.graphs: dict = {}  # batch shape -> (graph, static x, static y) or the count of warm-up steps done
+        self.steps = 0  # steps run by this object (the others were eager)
+
+    def _current_plan(self, opt: GridSGD) -> list:
+        """The optimizer's tensors, gathered once (the compiled function and the graphs see plain lists); gathered
+        again, and the graphs dropped, when any tensor the step touches has moved (a checkpoint loaded into the
+        optimizer, the model moved to another device and back between two fits, ...)."""
+        plan = [([p for p in g["params"]], [opt.state[p]["momentum_buffer"] for p in g["params"]],
+                 [opt._work_tensor(p) for p in g["params"]], opt._member_tensors(g, g["params"][0]),
+                 any(g["nesterov"])) for g in opt.param_groups]
+        m = self.model
+        tensors = [t for params, bufs, scratch, hp, _ in plan for t in (*params, *bufs, *scratch, *hp.values())]
+        tensors += [p.grad for params, *_ in plan for p in params]
+        tensors += [*m.buffers(), *m._sums["train"]]
+        addresses = [(t.device, t.data_ptr()) for t in tensors]
+        if addresses != self._addresses:
+            self.plan, self._addresses = plan, addresses
+            self.compiled, self.graphs = None, {}
+        return self.plan
+
+    def _step(self, x: Tensor, y: Tensor) -> None:
+        m = self.model
+        with torch.no_grad():
+            m._train_math(x, y)
+            for params, bufs, scratch, hp, any_nesterov in self.plan:
+                _stacked_sgd(params, bufs, scratch, hp, alive=m.alive, first=[False] * len(params),
+                             any_nesterov=any_nesterov)
+
+    def runner(self, opt: GridSGD, x: Tensor, y: Tensor):
+        """A callable doing this step (for ``GridSGD.step(run=...)``), or None: take an eager step instead
+        (the first step creates the momentum buffers, so it is always eager)."""
+        if not opt.state or any(p.grad is None for g in opt.param_groups for p in g["params"]):
+            return None
+        self._current_plan(opt)
+        self.steps += 1
+        if self.mode == "inductor":
+            if self.compiled is None:
+                self.compiled = torch.compile(self._step, dynamic=False)
+            return lambda: self.compiled(x, y)
+        key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype)
+        entry = self.graphs.get(key, 0)
+        if entry == 0:  # warm-up: a real (eager) step on a side stream, as CUDA graph capture wants
+            self.graphs[key] = 1
+            return lambda: self._on_side_stream(x, y)
+        if entry == 1:
+            self.graphs[key] = entry = self._capture(x, y)
+        graph, static_x, static_y = entry
+
+        def replay():
+            static_x.copy_(x)
+            static_y.copy_(y)
+            graph.replay()
+
+        return replay
+
+    def _on_side_stream(self, x: Tensor, y: Tensor) -> None:
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            self._step(x, y)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+
+    def _capture(self, x: Tensor, y: Tensor):
+        """Record the step into a CUDA graph (nothing runs while recording) for this batch shape."""
+        static_x, static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(static_x, static_y)
+        return graph, static_x, static_y
+
+
+COMPILE_MODES = ("inductor", "cuda_graph")
+
+
 class GridClassifier(L.LightningModule):
     """K classifiers ``MLP(sizes, activation)``, one per grid member, trained together with the
     hand-written batched backward (:func:`grid_backward`) and SGD step (:class:`GridSGD`).
@@ -364,6 +531,9 @@ class GridClassifier(L.LightningModule):
             ``torch.manual_seed(init_seed)`` (the global random state is left as it was), copied into
             every member: each member starts where :class:`handgrad.module.HandgradClassifier` starts
             when seeded with the same value. ``None``: build that MLP from the current global state.
+        compile: None (eager), ``"inductor"`` (the whole training step through ``torch.compile``) or
+            ``"cuda_graph"`` (the whole training step recorded as a CUDA graph and replayed; CUDA only).
+            See :class:`FusedStep`. The numbers are those of the eager step up to floating-point rounding.
 
     Per-member metrics are summed on the device as (K,) tensors and read once per epoch into
     ``self.history[name]`` (one list of K floats per epoch): train_loss, train_acc (means over the
@@ -372,12 +542,17 @@ class GridClassifier(L.LightningModule):
     frozen; the others go on. Before ``trainer.test`` set ``test_member``: only that member is
     evaluated, its numbers land in ``test_result``. With ``member_loggers`` set (a list of K loggers),
     each member's epoch metrics go to its own logger (train/loss, train/acc, val/loss, val/acc).
+
+    A training step reads nothing back from the device (no ``.item()``, no Python ``if`` on a tensor): on a GPU
+    the host queues the steps ahead of the device, and synchronises once per epoch to read the metrics.
     """
 
     def __init__(self, grid: Optional[dict] = None, members: Optional[list[dict]] = None,
                  sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: str = "relu",
-                 init_seed: Optional[int] = 265):
+                 init_seed: Optional[int] = 265, compile: Optional[Literal["inductor", "cuda_graph"]] = None):
         super().__init__()
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: use null (eager), 'inductor' (torch.compile) or 'cuda_graph'")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.members = expand_grid(grid, members)
@@ -393,11 +568,14 @@ class GridClassifier(L.LightningModule):
         self.net.load_mlp(mlp)
         self.register_buffer("alive", torch.ones(self.K, dtype=torch.bool))
         self.register_buffer("failed_epoch", torch.full((self.K,), -1, dtype=torch.long))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long), persistent=False)  # on the device
         self.history: dict[str, list[list[float]]] = {k: [] for k in METRICS}
         self.member_loggers: Optional[list] = None  # one Lightning logger per member, set by handgrad.sweep
         self.test_member: Optional[int] = None
         self.test_result: dict[str, float] = {}
-        self._sums: dict[str, list] = {}
+        self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # stage -> (sum of N * loss_k, correct_k), in place
+        self._counts: dict[str, int] = {}  # stage -> samples seen (on the host)
+        self.fused = FusedStep(self, compile) if compile else None
 
     def setup(self, stage: str) -> None:
         if self.trainer.precision not in SUPPORTED_PRECISIONS:
@@ -407,6 +585,9 @@ class GridClassifier(L.LightningModule):
         if names is not None and len(names) != self.sizes[-1]:
             raise ValueError(f"the model has {self.sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} "
                              f"classes {list(names)}; set --model.sizes '{[*self.sizes[:-1], len(names)]}'")
+        if self.hparams.compile == "cuda_graph" and self.trainer.strategy.root_device.type != "cuda":
+            raise ValueError("compile='cuda_graph' records the training step as a CUDA graph and needs a CUDA "
+                             "device (--trainer.accelerator gpu); on a CPU use compile='inductor' or null")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -416,20 +597,28 @@ class GridClassifier(L.LightningModule):
 
     # ---------------------------------------------------------------- per-member metrics, on the device
 
-    def _accumulate(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Add N * loss_k and the number of correct predictions of each member, (K,) tensors."""
-        n = y.shape[0]
-        correct = (logits.argmax(-1) == y).sum(-1)
-        if stage not in self._sums:
-            self._sums[stage] = [loss * n, correct, n]
+    def _reset(self, stage: str) -> None:
+        """Zero the stage's sums in place (allocated once: a captured step keeps writing into the same tensors)."""
+        w = self.net.weight["1"]
+        sums = self._sums.get(stage)
+        if sums is None or sums[0].device != w.device or sums[0].dtype != w.dtype:
+            self._sums[stage] = (w.new_zeros(self.K), torch.zeros(self.K, dtype=torch.long, device=w.device))
         else:
-            s = self._sums[stage]
-            s[0], s[1], s[2] = s[0] + loss * n, s[1] + correct, s[2] + n
+            sums[0].zero_()
+            sums[1].zero_()
+        self._counts[stage] = 0
+
+    def _accumulate(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Add N * loss_k and the number of correct predictions of each member to the (K,) sums, in place."""
+        loss_sum, correct = self._sums[stage]
+        loss_sum.add_(loss * y.shape[0])
+        correct.add_((logits.argmax(-1) == y).sum(-1))
 
     def _read(self, stage: str, alive: Tensor) -> tuple[list[float], list[float]]:
         """Epoch means (loss, accuracy) per member, NaN where not ``alive``: a few host reads per epoch.
         The accuracy is correct / N in Python floats (exact counts, no float32 rounding)."""
-        loss_sum, correct, n = self._sums.pop(stage)
+        n = self._counts.pop(stage)
+        loss_sum, correct = self._sums[stage]
         ok, loss_sum, correct = alive.tolist(), loss_sum.tolist(), correct.tolist()
         loss = [s / n if a else math.nan for a, s in zip(ok, loss_sum)]
         acc = [c / n if a else math.nan for a, c in zip(ok, correct)]
@@ -438,23 +627,37 @@ class GridClassifier(L.LightningModule):
     # ---------------------------------------------------------------- training
 
     def on_train_epoch_start(self) -> None:
-        self._sums.pop("train", None)
+        self.epoch.fill_(self.current_epoch)
+        self._reset("train")
+
+    def _train_math(self, x: Tensor, y: Tensor) -> None:
+        """Forward, per-member losses, failure mask, backward and metric sums: device work only, no host reads."""
+        logits = self.net(x)
+        loss, g = member_cross_entropy(logits, y)
+        newly_failed = self.alive & ~torch.isfinite(loss)
+        self.failed_epoch.copy_(torch.where(newly_failed, self.epoch, self.failed_epoch))
+        self.alive.logical_and_(~newly_failed)
+        grid_backward(self.net, g)
+        self._accumulate("train", loss, logits, y)
 
     def training_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        opt = self.optimizers()
+        opt = self.optimizers()  # stepped through Lightning: it counts the step and feeds checkpoints
+        self._counts["train"] += y.shape[0]
+        run = self.fused.runner(opt.optimizer, x, y) if self.fused is not None else None
+        if run is not None:
+            opt.step(run=run)
+            return
         with torch.no_grad():  # no graph: the gradients come from the cached activations
-            logits = self.net(x)
-            loss, g = member_cross_entropy(logits, y)
-            newly_failed = self.alive & ~torch.isfinite(loss)  # on the device: no sync
-            self.failed_epoch.copy_(torch.where(newly_failed, self.current_epoch, self.failed_epoch))
-            self.alive &= ~newly_failed
-            grid_backward(self.net, g)
-            opt.step(alive=self.alive)  # through Lightning: counts the step, feeds checkpoints
-            self._accumulate("train", loss, logits, y)
+            self._train_math(x, y)
+            opt.step(alive=self.alive)
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Keep the gradient tensors through validation (Lightning would release them): every step overwrites
+        them in place, and a fused step holds their addresses."""
 
     def on_train_epoch_end(self) -> None:
-        if "train" not in self._sums:
+        if not self._counts.get("train"):
             return
         loss, acc = self._read("train", self.alive)
         self.history["train_loss"].append(loss)
@@ -474,13 +677,17 @@ class GridClassifier(L.LightningModule):
 
     # ---------------------------------------------------------------- validation and test
 
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x)
         self._accumulate("val", member_cross_entropy(logits, y)[0], logits, y)
+        self._counts["val"] += y.shape[0]
 
     def on_validation_epoch_end(self) -> None:
-        if "val" not in self._sums:
+        if not self._counts.get("val"):
             return
         loss, acc = self._read("val", self.alive)
         if self.trainer.sanity_checking:
@@ -495,11 +702,13 @@ class GridClassifier(L.LightningModule):
         if self.test_member is None or not 0 <= self.test_member < self.K:
             raise RuntimeError(f"set model.test_member to the selected member (0..{self.K - 1}) before "
                                "trainer.test: only that member is evaluated on the test set")
+        self._reset("test")
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x, member=self.test_member)
         self._accumulate("test", member_cross_entropy(logits, y)[0], logits, y)
+        self._counts["test"] += y.shape[0]
 
     def on_test_epoch_end(self) -> None:
         k = self.test_member

@@ -275,18 +275,23 @@ class HandgradClassifier(L.LightningModule):
         opt.zero_grad()
         out, loss, n_total = self.forward_backward(x, y)  # the global batch's loss and gradient
         self.check_finite(loss)
-        grad_norm = global_norm([p.grad for p in self.parameters()])
+        # Lightning writes step values only every log_every_n_steps steps: compute and log them only then (each
+        # self.log call costs Python time, and the norm is a pass over every gradient).
+        log_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        grad_norm = global_norm([p.grad for p in self.parameters()]) if log_step else None
         self.log_histograms()
         opt.step()  # through Lightning: counts the step, feeds checkpoints and the precision plugin
         if len(y):  # (torchmetrics cannot take an empty share of a short last batch)
             self.train_acc.update(out, y)
-        self.train_loss(loss, n_total)  # step value: this batch's loss; epoch value: mean over the samples
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        self.train_loss.update(loss, n_total)  # on the device; read once per epoch
+        if log_step:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
+        self.log("train/loss_epoch", self.train_loss)  # mean over the epoch's samples
+        self.log("train/acc", self.train_acc)
         self.raise_if_nonfinite()
         scheduler = self.lr_schedulers()
         if scheduler is None:

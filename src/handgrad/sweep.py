@@ -3,6 +3,8 @@
     python train.py sweep --config configs/grid.yaml                      # the reference grid, 30 epochs
     python train.py sweep --config configs/grid.yaml --trainer.max_epochs 2 --data.data_dir X
     python train.py sweep --config configs/grid.yaml --sequential         # one member after the other
+    python train.py sweep --config configs/grid.yaml --trainer.accelerator gpu --model.compile cuda_graph
+                                                                          # on a GPU: the step as one CUDA graph
     python -m handgrad.sweep ...                                          # the same without train.py
 
 Steps: train every member (batched: one :class:`handgrad.grid.GridClassifier` holding all K members;
