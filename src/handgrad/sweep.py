@@ -77,7 +77,8 @@ class EpochHistory(Callback):
     """Collect a :class:`HandgradClassifier`'s epoch metrics in the grid's history format (K = 1).
 
     The training loss is summed here, on the device, from the loss each training step returns (in the
-    training dtype: float64 under 64-true); accuracies and the val loss are the module's logged metrics."""
+    training dtype: float64 under 64-true); the train accuracy is the module's metric, val loss and accuracy
+    its logged metrics."""
 
     def __init__(self):
         self.history = {k: [] for k in METRICS}
@@ -97,7 +98,8 @@ class EpochHistory(Callback):
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         loss = float(self._loss_sum) / self._n if self._n else m.get("train/loss_epoch", math.nan)
         self.history["train_loss"].append([loss])
-        self.history["train_acc"].append([m.get("train/acc", math.nan)])
+        # the module logs train/acc in its own on_train_epoch_end, which Lightning calls after the callbacks'
+        self.history["train_acc"].append([float(pl_module.train_acc.compute())])
         if "val/acc" in m:
             self.history["val_loss"].append([m.get("val/loss", math.nan)])
             self.history["val_acc"].append([m["val/acc"]])
