@@ -80,3 +80,11 @@ def get(name: str | None):
     if key not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[key]
+
+
+def per_layer(L: int, activation: str | None, output_activation: str | None):
+    """Dicts ``f, df`` keyed by layer l = 1..L: the hidden activation for l < L, the output one for l = L."""
+    hidden, out = get(activation), get(output_activation)
+    f = {l: (out if l == L else hidden)[0] for l in range(1, L + 1)}
+    df = {l: (out if l == L else hidden)[1] for l in range(1, L + 1)}
+    return f, df

@@ -21,7 +21,8 @@ from torch import Tensor
 @torch.no_grad()
 def backward(model, grad_output: Tensor) -> None:
     """Fill ``model.dL_dw[l]`` and ``model.dL_db[l]`` for l = 1..L and write them into the
-    parameters' ``.grad`` (replacing what was there), so any optimizer can step.
+    parameters' ``.grad`` (overwriting what was there, in place when its shape and dtype fit), so any
+    optimizer can step.
 
     ``model`` exposes ``L``, ``fc`` (``fc[str(l)].weight`` is W^l), ``a``, ``z``, ``df`` as
     :class:`handgrad.mlp.MLP` does; ``grad_output`` is dL/da^L, shaped like ``model.a[L]``.
@@ -42,14 +43,22 @@ def backward(model, grad_output: Tensor) -> None:
         a_prev = model.a[l - 1]
         a_prev = a_prev.reshape(1, -1) if single else a_prev.reshape(a_prev.shape[0], -1)
         layer = model.fc[str(l)]
-        model.dL_dw[l] = delta.T @ a_prev
-        model.dL_db[l] = delta.sum(0)
+        model.dL_dw[l] = torch.mm(delta.T, a_prev, out=_reusable(layer.weight))
+        model.dL_db[l] = torch.sum(delta, 0, out=_reusable(layer.bias)) if layer.bias is not None else delta.sum(0)
         if l > 1:
             z_prev = model.z[l - 1]
             delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)
         layer.weight.grad = model.dL_dw[l]
         if layer.bias is not None:
             layer.bias.grad = model.dL_db[l]
+
+
+def _reusable(p):
+    """``p.grad`` when it can be overwritten in place (saves allocating a large gradient every step), else None."""
+    g = p.grad
+    if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.requires_grad:
+        return None
+    return g
 
 
 def backpropagation(model, y_true: Tensor, y_pred: Tensor) -> None:

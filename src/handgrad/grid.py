@@ -139,9 +139,7 @@ class GridMLP(nn.Module):
             {str(l): nn.Parameter(torch.zeros(self.K, sizes[l], sizes[l - 1])) for l in range(1, self.L + 1)})
         self.bias = nn.ParameterDict(
             {str(l): nn.Parameter(torch.zeros(self.K, 1, sizes[l])) for l in range(1, self.L + 1)})
-        hidden, out = activations.get(activation), activations.get(output_activation)
-        self.f = {l: (out if l == self.L else hidden)[0] for l in range(1, self.L + 1)}
-        self.df = {l: (out if l == self.L else hidden)[1] for l in range(1, self.L + 1)}
+        self.f, self.df = activations.per_layer(self.L, activation, output_activation)
         self.a: dict[int, Tensor] = {}
         self.z: dict[int, Tensor] = {}
         self.dL_dw: dict[int, Tensor] = {}

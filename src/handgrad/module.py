@@ -272,7 +272,8 @@ class HandgradClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
         opt = self.optimizers()
-        opt.zero_grad()
+        if self.hparams.backprop == "autograd":  # autograd accumulates into .grad; handgrad's backward overwrites it
+            opt.zero_grad()
         out, loss, n_total = self.forward_backward(x, y)  # the global batch's loss and gradient
         self.check_finite(loss)
         # Lightning writes step values only every log_every_n_steps steps: compute and log them only then (each
