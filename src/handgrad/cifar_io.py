@@ -210,7 +210,7 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
     try:
         if all(p.lower().endswith((".jpg", ".jpeg")) for p in paths):
             return decode_jpeg(datas, mode=ImageReadMode.UNCHANGED)
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # a bad file, or a torchvision < 0.19 without batched decoding
         pass
     images = []
     for p, d in zip(paths, datas):
