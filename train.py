@@ -66,7 +66,10 @@ class HandgradCLI(LightningCLI):
                                                           default_hp_metric=False),
                                   "plugins": lazy_instance(AtomicCheckpointIO)},
                 auto_configure_optimizers=False,  # the optimizer is a model option: --model.optimizer handgrad|torch
-                parser_kwargs={"description": __doc__, "formatter_class": RawDescriptionHelpFormatter},
+                # every subcommand starts from the reference job (configs/default.yaml); --config and flags override it
+                parser_kwargs={"description": __doc__, "formatter_class": RawDescriptionHelpFormatter,
+                               **{cmd: {"default_config_files": [str(DEFAULT_CONFIG)]}
+                                  for cmd in ("fit", "validate", "test", "predict")}},
             )
 
     def add_arguments_to_parser(self, parser) -> None:
