@@ -501,3 +501,19 @@ def test_real_airplane_bird(real_cifar):
     assert int(dm.train_y[0]) == i // 5000
     assert torch.equal(denormalize(dm, dm.test_x[-1:])[0], pil(real_cifar / "test" / "bird" / "0999.jpg"))
     assert int(dm.test_y[0]) == 0 and int(dm.test_y[-1]) == 1
+
+
+def test_more_decode_workers_than_files(tmp_path):
+    """num_workers larger than a split's file count must not produce empty decode chunks."""
+    from torchvision.io import encode_jpeg, decode_jpeg
+
+    imgs = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+            for i in range(2)]
+    paths = []
+    for i, img in enumerate(imgs):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(bytes(encode_jpeg(img).numpy()))
+        paths.append(str(path))
+    out = cifar_io.decode_files(paths, workers=4)
+    expected = torch.stack([decode_jpeg(encode_jpeg(img)) for img in imgs])
+    assert torch.equal(out, expected)

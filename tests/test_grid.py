@@ -427,3 +427,27 @@ def test_unsupported_precision_and_class_mismatch_are_explained():
         trainer(1).fit(model, datamodule=TwoClasses())
     with pytest.raises(ValueError, match="precision"):
         trainer(1, precision="bf16-mixed").fit(model, datamodule=TensorData())
+
+
+def test_resume_mid_epoch_equals_uninterrupted(image_folder, tmp_path):
+    """Lightning calls no on_train_epoch_start for an epoch resumed mid-way: the grid must still train on exactly."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from handgrad.data import CIFAR10DataModule
+
+    root, _ = image_folder
+
+    def fit(max_steps=-1, ckpt_path=None, callbacks=()):
+        model = GridClassifier(grid={"lr": [0.01, 0.1], "momentum": [0.9]}, sizes=[3072, 8, 2], init_seed=0)
+        data = CIFAR10DataModule(str(root), batch_size=8, download=False)
+        L.Trainer(max_epochs=2, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                  enable_checkpointing=bool(callbacks), callbacks=list(callbacks)).fit(model, data, ckpt_path=ckpt_path)
+        return model
+
+    full = fit()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=3)
+    fit(max_steps=6, callbacks=[ckpt])  # 4 steps per epoch: step 6 is in the middle of the second epoch
+    resumed = fit(ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    for name, w in full.net.state_dict().items():
+        assert torch.equal(w, resumed.net.state_dict()[name]), name

@@ -238,3 +238,14 @@ def test_float64_resume_restores_the_weights_exactly(tmp_path):
     assert resumed.mlp.fc["1"].weight.dtype == torch.float64
     for name, w in weights(full).items():
         assert torch.equal(w, weights(resumed)[name]), name
+
+
+def test_plateau_scheduler_steps_only_after_a_validation(tmp_path):
+    """ReduceLROnPlateau needs this epoch's val/loss: with validation every 2nd epoch it steps on those epochs only."""
+    import functools
+
+    sched = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5)
+    model = HandgradClassifier(SIZES, lr_scheduler=sched)
+    trainer(tmp_path, max_epochs=4, check_val_every_n_epoch=2, num_sanity_val_steps=0).fit(model, TensorData())
+    scheduler = model.lr_schedulers()
+    assert scheduler.last_epoch == 2  # stepped after epochs 2 and 4, not after 1 and 3

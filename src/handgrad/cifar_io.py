@@ -223,6 +223,7 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
 
 def decode_files(paths: list[str], workers: int = 0) -> torch.Tensor:
     """Decode image files to one uint8 tensor (N, 3, 32, 32); `workers` > 1 decodes in that many threads."""
+    workers = min(workers, len(paths))  # no empty chunks
     if workers > 1 and len(paths) > 1:
         chunks = [paths[i::workers] for i in range(workers)]
         with ThreadPoolExecutor(workers) as ex:

@@ -641,6 +641,8 @@ class GridClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         opt = self.optimizers()  # stepped through Lightning: it counts the step and feeds checkpoints
+        if "train" not in self._counts:  # resumed mid-epoch: Lightning calls no on_train_epoch_start then
+            self.on_train_epoch_start()
         self._counts["train"] += y.shape[0]
         run = self.fused.runner(opt.optimizer, x, y) if self.fused is not None else None
         if run is not None:

@@ -142,6 +142,7 @@ class HandgradClassifier(L.LightningModule):
         self.confusion_matrix: dict[str, Tensor] = {}  # stage -> last confusion matrix (rows: true class)
         self._bad_step: Optional[Tensor] = None  # on device: first step with a non-finite loss, -1 if none
         self._hparams_logged = False
+        self._validated_this_epoch = False  # for ReduceLROnPlateau: a fresh val/loss exists
 
     # ---------------------------------------------------------------- setup
 
@@ -298,7 +299,10 @@ class HandgradClassifier(L.LightningModule):
         if scheduler is None:
             return
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(self.trainer.callback_metrics["val/loss"])
+            # it needs this epoch's val/loss: step only after an epoch that validated (check_val_every_n_epoch)
+            if self._validated_this_epoch:
+                scheduler.step(self.trainer.callback_metrics["val/loss"])
+                self._validated_this_epoch = False
         else:
             scheduler.step()
 
@@ -384,6 +388,7 @@ class HandgradClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.eval_epoch_end("val")
+        self._validated_this_epoch = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
 
     def on_test_epoch_end(self) -> None:
         self.eval_epoch_end("test")

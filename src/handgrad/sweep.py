@@ -144,7 +144,8 @@ def run_sequential(cli: SweepCLI, runs: list) -> dict:
     for k, m in enumerate(cli.model.members):
         torch.manual_seed(hp.init_seed)  # the grid's initial weights: MLP(sizes) right after this seed
         model = HandgradClassifier(sizes=hp.sizes, activation=hp.activation, **{h: m[h] for h in HPARAMS})
-        trainer = cli.instantiate_trainer(logger=runs[k])
+        # one device: several would make Lightning relaunch this script (and the whole sweep) per rank
+        trainer = cli.instantiate_trainer(logger=runs[k], devices=1, num_nodes=1, strategy="auto")
         record = EpochHistory()
         trainer.callbacks.append(record)
         _seed(cli)
@@ -214,6 +215,7 @@ def run_split(cli: SweepCLI, args: list[str], log_dir: Path) -> dict:
         model = GridClassifier(members=[members[best]], sizes=hp.sizes, activation=hp.activation,
                                init_seed=hp.init_seed)
         state = {k: v[local:local + 1] for k, v in parts_out[i]["state_dict"].items()}
+        model.net.to(state["net.weight.1"].dtype)  # load float64 weights as float64, not rounded through float32
         model.load_state_dict(state)
         model.test_member = 0
         tester = cli.instantiate_trainer(devices=1, strategy="auto", logger=False, default_root_dir=str(log_dir))
