@@ -143,6 +143,7 @@ class HandgradClassifier(L.LightningModule):
         self._bad_step: Optional[Tensor] = None  # on device: first step with a non-finite loss, -1 if none
         self._hparams_logged = False
         self._validated_this_epoch = False  # for ReduceLROnPlateau: a fresh val/loss exists
+        self._eval_predictions: dict[str, list] = {"val": [], "test": []}  # (predicted class, target) per batch
 
     # ---------------------------------------------------------------- setup
 
@@ -370,9 +371,9 @@ class HandgradClassifier(L.LightningModule):
         x, y = batch
         out = self.mlp(x)
         loss, _ = self.loss_and_grad(out, y)
-        acc, confmat, mean_loss = (getattr(self, f"{stage}_{m}") for m in ("acc", "confmat", "loss"))
+        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
         acc.update(out, y)
-        confmat.update(out, y)
+        self._eval_predictions[stage].append((out.argmax(1), y))  # into the confusion matrix once, at epoch end
         mean_loss.update(loss, len(y))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -396,6 +397,11 @@ class HandgradClassifier(L.LightningModule):
     def eval_epoch_end(self, stage: str) -> None:
         """Per-class accuracy from the confusion matrix C (rows: true class):  acc_k = C_kk / sum_j C_kj."""
         confmat = getattr(self, f"{stage}_confmat")
+        # one update per epoch: its torch.bincount reads the data's range on the host (a GPU sync), so not per step
+        predictions = self._eval_predictions[stage]
+        if predictions:
+            confmat.update(torch.cat([p for p, _ in predictions]), torch.cat([y for _, y in predictions]))
+            predictions.clear()
         cm = confmat.compute()
         confmat.reset()
         if self.trainer.sanity_checking:
