@@ -43,21 +43,20 @@ def backward(model, grad_output: Tensor) -> None:
         a_prev = model.a[l - 1]
         a_prev = a_prev.reshape(1, -1) if single else a_prev.reshape(a_prev.shape[0], -1)
         layer = model.fc[str(l)]
-        model.dL_dw[l] = torch.mm(delta.T, a_prev, out=_reusable(layer.weight))
-        model.dL_db[l] = torch.sum(delta, 0, out=_reusable(layer.bias)) if layer.bias is not None else delta.sum(0)
+        model.dL_dw[l] = torch.mm(delta.T, a_prev, out=grad_buffer(layer.weight))
+        model.dL_db[l] = torch.sum(delta, 0, out=grad_buffer(layer.bias)) if layer.bias is not None else delta.sum(0)
         if l > 1:
             z_prev = model.z[l - 1]
             delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)
-        layer.weight.grad = model.dL_dw[l]
-        if layer.bias is not None:
-            layer.bias.grad = model.dL_db[l]
 
 
-def _reusable(p):
-    """``p.grad`` when it can be overwritten in place (saves allocating a large gradient every step), else None."""
+def grad_buffer(p: Tensor) -> Tensor:
+    """``p.grad``, to be overwritten in place, when its shape, dtype and device fit; else a new ``p.grad``.
+    Reusing it saves allocating a large gradient every step (page faults on a CPU) and keeps its address
+    (needed by a captured or compiled step)."""
     g = p.grad
     if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.requires_grad:
-        return None
+        g = p.grad = torch.empty_like(p)
     return g
 
 

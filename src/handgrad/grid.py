@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from handgrad import activations
+from handgrad.backprop import grad_buffer
 from handgrad.mlp import MLP
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -191,16 +192,6 @@ class GridMLP(nn.Module):
         return a
 
 
-def _grad_buffer(p: Tensor) -> Tensor:
-    """``p.grad``, to be overwritten in place; allocated (and attached to ``p``) only when missing or of another
-    shape. Reusing it matters on a CPU (the stacked first-layer gradient is tens of MB, and a fresh allocation that
-    large page-faults every step) and for a captured or compiled step (the gradient keeps its address)."""
-    g = p.grad
-    if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        g = p.grad = torch.empty_like(p)
-    return g
-
-
 @torch.no_grad()
 def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
     """The batched delta recursion (equations in the module docstring): fills the parameters' ``.grad``
@@ -216,8 +207,8 @@ def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
     for l in range(L, 0, -1):
         a_prev = net.a[l - 1] if l > 1 else net.a[0].expand(net.K, *net.a[0].shape)
         W, b = net.weight[str(l)], net.bias[str(l)]
-        net.dL_dw[l] = torch.bmm(delta.transpose(1, 2), a_prev, out=_grad_buffer(W))
-        net.dL_db[l] = torch.sum(delta, 1, keepdim=True, out=_grad_buffer(b))
+        net.dL_dw[l] = torch.bmm(delta.transpose(1, 2), a_prev, out=grad_buffer(W))
+        net.dL_db[l] = torch.sum(delta, 1, keepdim=True, out=grad_buffer(b))
         if l > 1:
             delta = torch.bmm(delta, W) * net.df[l - 1](net.z[l - 1])
 
