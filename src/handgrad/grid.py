@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from handgrad import activations
 from handgrad.backprop import grad_buffer
+from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -214,28 +215,16 @@ def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
 
 
 def member_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Each member's mean cross entropy and its gradient, for logits (K, N, C) and one target (N,):
-
-        log p_{k,n,c} = x_{k,n,c} - m_{k,n} - log sum_j exp(x_{k,n,j} - m_{k,n}),   m_{k,n} = max_j x_{k,n,j}
-        L_k = -(1/N) sum_n log p_{k,n,t_n}                                            (K,)
-        dL_k/dx_{k,n,c} = (p_{k,n,c} - [c == t_n]) / N                               (K, N, C)
-
-    :func:`handgrad.losses.cross_entropy` (N, C) with the member axis in front, in one set of kernels for
-    all members (a loop over k would launch K times as many; tests check it against that function).
-    """
+    """Each member's mean cross entropy L_k (K,) and its gradient dL_k/dx (K, N, C), for logits (K, N, C) and
+    one target (N,): :func:`handgrad.losses.cross_entropy` with the member axis in front, in one set of kernels
+    for all members (a loop over k would launch K times as many)."""
     if logits.dim() != 3:
         raise ValueError(f"member_cross_entropy: logits must have shape (K, N, C), got {tuple(logits.shape)}")
-    K, n, c = logits.shape
+    n = logits.shape[1]
     if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
         raise ValueError(f"member_cross_entropy: target must hold N = {n} class indices (an integer tensor of "
                          f"shape ({n},)), got {target.dtype} of shape {tuple(target.shape)}")
-    target = target.long()
-    shifted = logits - logits.amax(dim=2, keepdim=True)
-    log_p = shifted - shifted.exp().sum(dim=2, keepdim=True).log()
-    one_hot = torch.zeros_like(logits[0]).scatter_(1, target[:, None], 1.0)  # (N, C), shared by every member
-    grad = (log_p.exp() - one_hot) / n
-    loss = -log_p.gather(2, target.expand(K, n)[..., None]).sum((1, 2)) / n
-    return loss, grad
+    return cross_entropy(logits, target)
 
 
 # ----------------------------------------------------------------------------- the batched SGD step

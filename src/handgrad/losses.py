@@ -40,21 +40,25 @@ def cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> tu
         log p_nk = x_nk - m_n - log sum_j exp(x_nj - m_n)
         sum:   L = - sum_n log p_{n, t_n}          dL/dx_nk = p_nk - [k == t_n]
         mean:  L = - (1/N) sum_n log p_{n, t_n}    dL/dx_nk = (p_nk - [k == t_n]) / N
+
+    ``logits`` is (N, C), or (K, N, C) for K models scored on the same batch (a grid,
+    :mod:`handgrad.grid`): then the loss is one value per model, shape (K,).
     """
     _check_reduction(reduction)
-    if logits.dim() != 2:
-        raise ValueError(f"cross_entropy: logits must have shape (N, C), got {tuple(logits.shape)}")
-    n, c = logits.shape
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"cross_entropy: logits must have shape (N, C) or (K, N, C), got {tuple(logits.shape)}")
+    n, c = logits.shape[-2:]
     if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
         raise TypeError(f"cross_entropy: target must hold class indices (an integer tensor), got dtype {target.dtype}")
     if target.shape != (n,):
         raise ValueError(f"cross_entropy: target must have shape ({n},), got {tuple(target.shape)}")
     target = target.long()
-    shifted = logits - logits.amax(dim=1, keepdim=True)
-    log_p = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
-    one_hot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)  # raises on indices outside [0, C)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    log_p = shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+    # (N, C), shared by every model; scatter_ raises on indices outside [0, C)
+    one_hot = torch.zeros(n, c, dtype=logits.dtype, device=logits.device).scatter_(1, target[:, None], 1.0)
     grad = log_p.exp() - one_hot
-    loss = -log_p.gather(1, target[:, None]).sum()
+    loss = -log_p.gather(-1, target.expand(log_p.shape[:-1])[..., None]).sum((-2, -1))
     if reduction == "sum":
         return loss, grad
     return loss / n, grad / n
