@@ -57,9 +57,9 @@ def all_reduce_gradients(params: Iterable[Tensor], loss: Tensor, n_local: int, g
     tensors on the loss's device (no host sync). A process with n_local = 0 contributes zeros (its mean loss
     0/0 is NaN and must not reach the sum). Outside a process group of more than one process: (loss, n_local).
     """
-    grads = [p.grad for p in params if p.grad is not None]
     if not is_distributed():
         return loss, loss.new_full((), n_local)  # a fill on the device, not a host-to-device copy (a sync)
+    grads = [p.grad for p in params if p.grad is not None]
     dtype = grads[0].dtype if grads else loss.dtype
     tail = [loss.detach().reshape(1).to(dtype), loss.new_ones(1, dtype=dtype)]
     flat = torch.cat([g.reshape(-1) for g in grads] + tail)
