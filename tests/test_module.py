@@ -203,6 +203,30 @@ def test_metrics_match_recomputed_predictions(tmp_path):
     assert pred.unique().numel() >= 3 and 0 < metrics["val/acc"] < 1  # a non-degenerate confusion matrix
 
 
+def test_train_metrics_are_the_epochs_predictions_before_each_step(tmp_path):
+    """train/acc and train/loss_epoch of the last epoch: the predictions and losses each step made before its update,
+    recomputed by the plain loop (autograd + torch.optim.SGD)."""
+    init, model, _ = fit(tmp_path)
+    ref = HandgradClassifier(SIZES).mlp.double()
+    ref.load_state_dict({k[len("mlp."):]: v for k, v in init.items()})
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001)
+    for _ in range(2):
+        correct, loss_sum, n = 0, 0.0, 0
+        for x, y in TensorData().batches():
+            out = ref(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += int((out.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            n += len(y)
+    metrics = model.trainer.callback_metrics
+    assert 0 < correct < n  # neither all right nor all wrong: the comparison can fail
+    assert metrics["train/acc"].item() == pytest.approx(correct / n, abs=1e-6)
+    assert metrics["train/loss_epoch"].item() == pytest.approx(loss_sum / n, rel=1e-9)
+
+
 def test_lr_scheduler_is_stepped_each_epoch(tmp_path):
     from functools import partial
 

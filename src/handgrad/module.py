@@ -143,7 +143,9 @@ class HandgradClassifier(L.LightningModule):
         self._bad_step: Optional[Tensor] = None  # on device: first step with a non-finite loss, -1 if none
         self._hparams_logged = False
         self._validated_this_epoch = False  # for ReduceLROnPlateau: a fresh val/loss exists
-        self._eval_predictions: dict[str, list] = {"val": [], "test": []}  # (predicted class, target) per batch
+        # (predicted class, target) of each batch, kept on the device and fed to the accuracy (and confusion matrix)
+        # once per epoch: a torchmetrics update per step costs more Python time than the step's argmax
+        self._predictions: dict[str, list] = {"train": [], "val": [], "test": []}
 
     # ---------------------------------------------------------------- setup
 
@@ -284,8 +286,9 @@ class HandgradClassifier(L.LightningModule):
         grad_norm = global_norm([p.grad for p in self.parameters()]) if log_step else None
         self.log_histograms()
         opt.step()  # through Lightning: counts the step, feeds checkpoints and the precision plugin
-        if len(y):  # (torchmetrics cannot take an empty share of a short last batch)
-            self.train_acc.update(out, y)
+        self._predictions["train"].append((out.argmax(1), y))
+        if self.trainer.is_last_batch:  # train_acc complete before any epoch-end hook (callbacks' come first)
+            self.update_from_predictions("train", self.train_acc)
         self.train_loss.update(loss, n_total)  # on the device; read once per epoch
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
@@ -293,6 +296,7 @@ class HandgradClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        self.update_from_predictions("train", self.train_acc)  # an epoch cut short (max_steps) has no last batch
         self.log("train/loss_epoch", self.train_loss)  # mean over the epoch's samples
         self.log("train/acc", self.train_acc)
         self.raise_if_nonfinite()
@@ -327,6 +331,7 @@ class HandgradClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._bad_step = None
+        self._predictions["train"].clear()
         self.log_hparams_once()
 
     # ---------------------------------------------------------------- NaN / inf guard
@@ -371,12 +376,8 @@ class HandgradClassifier(L.LightningModule):
         x, y = batch
         out = self.mlp(x)
         loss, _ = self.loss_and_grad(out, y)
-        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
-        acc.update(out, y)
-        self._eval_predictions[stage].append((out.argmax(1), y))  # into the confusion matrix once, at epoch end
-        mean_loss.update(loss, len(y))
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        self._predictions[stage].append((out.argmax(1), y))  # into the accuracy and confusion matrix at epoch end
+        getattr(self, f"{stage}_loss").update(loss, len(y))
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit":
@@ -394,23 +395,36 @@ class HandgradClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.eval_epoch_end("test")
 
-    def eval_epoch_end(self, stage: str) -> None:
-        """Per-class accuracy from the confusion matrix C (rows: true class):  acc_k = C_kk / sum_j C_kj."""
-        confmat = getattr(self, f"{stage}_confmat")
-        # one update per epoch: its torch.bincount reads the data's range on the host (a GPU sync), so not per step
-        predictions = self._eval_predictions[stage]
+    def update_from_predictions(self, stage: str, *metrics: Metric) -> None:
+        """Feed the epoch's kept (predicted class, target) pairs of ``stage`` to each metric in one update, and
+        forget them. (The confusion matrix's torch.bincount reads the data's range on the host, a GPU sync: once
+        per epoch, not per step.)"""
+        predictions = self._predictions[stage]
         if predictions:
-            confmat.update(torch.cat([p for p, _ in predictions]), torch.cat([y for _, y in predictions]))
+            preds, target = torch.cat([p for p, _ in predictions]), torch.cat([y for _, y in predictions])
             predictions.clear()
+            if len(target):  # (torchmetrics cannot take an empty share of a short last batch)
+                for metric in metrics:
+                    metric.update(preds, target)
+
+    def eval_epoch_end(self, stage: str) -> None:
+        """Loss and accuracy of the epoch, and the per-class accuracy from the confusion matrix C (rows: true
+        class):  acc_k = C_kk / sum_j C_kj."""
+        acc, mean_loss, confmat = (getattr(self, f"{stage}_{name}") for name in ("acc", "loss", "confmat"))
+        self.update_from_predictions(stage, acc, confmat)
         cm = confmat.compute()
         confmat.reset()
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:  # not this epoch's numbers: forget them
+            acc.reset()
+            mean_loss.reset()
             return
+        self.log(f"{stage}/loss", mean_loss)
+        self.log(f"{stage}/acc", acc, prog_bar=True)
         per_class = cm.diag() / cm.sum(1).clamp_min(1)
         same = dict(sync_dist=True, reduce_fx="max")  # the same value on every process: max over them is it
         for name, value in zip(self.class_names, per_class):
             self.log(f"{stage}/acc_{name}", value, **same)
-        self.log(f"hp/{stage}_acc", getattr(self, f"{stage}_acc").compute(), **same)
+        self.log(f"hp/{stage}_acc", acc.compute(), **same)
         self.confusion_matrix[stage] = cm.cpu()
         tb = self.tensorboard()
         if tb is None:
