@@ -41,6 +41,7 @@ from handgrad import activations
 from handgrad.backprop import grad_buffer
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
+from handgrad.optim import _single_tensor_sgd
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 HPARAM_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
@@ -242,11 +243,11 @@ class GridSGD(Optimizer):
         d_t = g_t + μ b_t  where ν,  b_t elsewhere (and g_t where μ = 0: plain SGD, no buffer)
         p_t = p_{t-1} - γ d_t                  where alive,  p_{t-1} where not (a frozen member)
 
-    The rule is written twice, as :mod:`handgrad.optim` writes it twice, for two memory layouts:
+    Two memory layouts, as :mod:`handgrad.optim` has two paths:
 
-    - per member (:func:`_member_sgd`, the default on a CPU): for k = 0..K-1 the slice ``p[k]`` is updated with
-      exactly torch.optim.SGD's single-tensor operations and member k's hyperparameters as Python numbers
-      (bitwise equal to torch.optim.SGD). One member's slices stay in the CPU cache through all the operations,
+    - per member (:func:`_member_sgd`, the default on a CPU): for k = 0..K-1 the slices ``p[k]`` are updated by
+      :func:`handgrad.optim._single_tensor_sgd` with member k's hyperparameters as Python numbers (bitwise equal
+      to torch.optim.SGD). One member's slices stay in the CPU cache through all the operations,
       where a pass over the whole stacked (K, 512, 3072) tensor per operation would go to main memory each
       time (measured: 5x slower). Frozen members are skipped, which reads ``alive`` on the host: free on a CPU.
     - stacked (:func:`_stacked_sgd`, the default on accelerators): each line is one operation on the whole
@@ -330,34 +331,29 @@ class GridSGD(Optimizer):
                     if new:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
-            scratch = [self._work_tensor(p) for p in params]
             per_member = self.per_member if self.per_member is not None else all(p.is_cpu for p in params)
             if per_member:
-                _member_sgd(params, bufs, scratch, group, alive=None if alive is None else alive.tolist(),
-                            first=first)
+                _member_sgd(params, bufs, group, alive=None if alive is None else alive.tolist(), first=first)
             else:
+                scratch = [self._work_tensor(p) for p in params]
                 _stacked_sgd(params, bufs, scratch, self._member_tensors(group, params[0]), alive=alive,
                              first=first, any_nesterov=any(group["nesterov"]))
 
 
-def _member_sgd(params, bufs, scratch, group: dict, *, alive: Optional[list], first: list) -> None:
-    """The rule member by member: torch.optim.SGD's single-tensor operations on the slices p[k] (the CPU layout)."""
-    for i, p in enumerate(params):
-        for k in range(p.shape[0]):
-            if alive is not None and not alive[k]:
-                continue  # a frozen member: parameters and buffer untouched
-            lr, mu, damp, wd = (group[h][k] for h in ("lr", "momentum", "dampening", "weight_decay"))
-            g = p.grad[k]
-            if wd != 0:
-                g = torch.add(g, p[k], alpha=wd, out=scratch[i][k])  # g + λ p
-            if mu != 0:
-                b = bufs[i][k]
-                if first[i]:
-                    b.copy_(g)  # b_1 = g
-                else:
-                    b.mul_(mu).add_(g, alpha=1 - damp)  # b = μ b + (1 - τ) g
-                g = torch.add(g, b, alpha=mu, out=scratch[i][k]) if group["nesterov"][k] else b  # g + μ b | b
-            p[k].add_(g, alpha=-lr)  # p - γ d
+def _member_sgd(params, bufs, group: dict, *, alive: Optional[list], first: list) -> None:
+    """The rule member by member (the CPU layout): :func:`handgrad.optim._single_tensor_sgd`, torch.optim.SGD's
+    single-tensor path, on member k's slices p[k] with member k's hyperparameters as Python numbers."""
+    for k in range(params[0].shape[0]):
+        if alive is not None and not alive[k]:
+            continue  # a frozen member: parameters and buffers untouched
+        member_bufs = [None if new else b[k] for b, new in zip(bufs, first)]  # None: the first step makes it
+        _single_tensor_sgd([p[k] for p in params], [p.grad[k] for p in params], member_bufs,
+                           lr=group["lr"][k], momentum=group["momentum"][k], dampening=group["dampening"][k],
+                           weight_decay=group["weight_decay"][k], nesterov=group["nesterov"][k], maximize=False)
+        if group["momentum"][k] != 0:
+            for b, made, new in zip(bufs, member_bufs, first):
+                if new:
+                    b[k].copy_(made)  # b_1 = g, into the stacked buffer
 
 
 def _stacked_sgd(params, bufs, scratch, hp: dict, *, alive: Optional[Tensor], first: list, any_nesterov: bool) -> None:
