@@ -8,6 +8,8 @@ What runs (each ``--repeats`` times, interleaved, so a change of background load
 
   plain     the baseline (bench/baseline.py): nn.Sequential + autograd + torch.optim.SGD over slices of the
             device-resident tensors, one member after the other;
+  raw       handgrad's hand-written step with no framework around it: the same loop as plain, with MLP.forward,
+            losses.cross_entropy, backprop.backward and handgrad.optim.SGD (what the math costs, without Lightning);
   trainer   handgrad's HandgradClassifier (hand-written backward and SGD) through a Lightning Trainer, one
             member after the other;
   grid      handgrad's GridClassifier: all members as one batched model through one Trainer (once per
@@ -53,9 +55,13 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from baseline import sync, train_plain  # noqa: E402
+from handgrad import losses  # noqa: E402
+from handgrad.backprop import backward  # noqa: E402
 from handgrad.data import CIFAR10DataModule, TensorBatches  # noqa: E402
 from handgrad.grid import GridClassifier  # noqa: E402
+from handgrad.mlp import MLP  # noqa: E402
 from handgrad.module import HandgradClassifier  # noqa: E402
+from handgrad.optim import SGD  # noqa: E402
 
 SIZES = [3072, 512, 128, 32, 2]
 SEED = 265
@@ -103,7 +109,7 @@ def load_data(spec: str, device: torch.device, dtype: torch.dtype, batch_size: i
     generated tensors of the same shapes (a class-dependent mean, so that there is something to learn)."""
     if spec == "synthetic":
         g = torch.Generator().manual_seed(0)
-        center = torch.randn(2, 3072, generator=g) * 0.5
+        center = torch.randn(2, 3072, generator=g) * 0.3  # learned, not at once (no momentum: ~0.6 after 1 epoch)
         split = {}
         for name, n in (("train", 8000), ("val", 2000)):
             y = torch.arange(n) % 2
@@ -183,18 +189,53 @@ def val_accuracy(logits: torch.Tensor, y: torch.Tensor) -> list[float]:
     return ((logits.argmax(-1) == y).sum(-1).double() / y.shape[0]).tolist()
 
 
-def run_plain(args, data, members, device) -> list[dict]:
+def train_raw(train_x, train_y, *, sizes, lr, momentum, dampening=0.0, weight_decay=0.0, nesterov=False,
+              epochs, batch_size, seed, val=None) -> dict:
+    """bench/baseline.py's train_plain with handgrad's hand-written step in place of autograd + torch.optim.SGD."""
+    device = train_x.device
+    torch.manual_seed(seed)
+    model = MLP(sizes).to(device=device, dtype=train_x.dtype)
+    opt = SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov)
+    n = train_x.shape[0]
+    epoch_s, epoch_cpu_s = [], []
+    loss_sum = torch.zeros((), device=device, dtype=train_x.dtype)
+    val_loss_sum = torch.zeros((), device=device, dtype=train_x.dtype)
+    val_correct = torch.zeros((), device=device, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(epochs):
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss_sum.zero_()
+            for i in range(0, n, batch_size):
+                xb, yb = train_x[i:i + batch_size], train_y[i:i + batch_size]
+                loss, grad_out = losses.cross_entropy(model(xb), yb)
+                backward(model, grad_out)
+                opt.step()
+                loss_sum += loss * xb.shape[0]
+            if val is not None:
+                for i in range(0, val[0].shape[0], batch_size):
+                    out = model(val[0][i:i + batch_size])
+                    val_loss_sum += losses.cross_entropy(out, val[1][i:i + batch_size], "sum")[0]
+                    val_correct += (out.argmax(1) == val[1][i:i + batch_size]).sum()
+            sync(device)
+            epoch_s.append(time.perf_counter() - t0)
+            epoch_cpu_s.append(time.process_time() - c0)
+    return {"epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s, "train_loss": (loss_sum / n).item(), "model": model}
+
+
+def run_plain(args, data, members, device, part: str = "plain") -> list[dict]:
+    train = train_plain if part == "plain" else train_raw
     out = []
     for k, m in enumerate(members):
         reset_peak(device)
         t0 = time.perf_counter()
-        r = train_plain(data.train_x, data.train_y, sizes=SIZES, epochs=args.epochs, batch_size=args.batch_size,
-                        seed=SEED, val=(data.val_x, data.val_y) if args.val_every_epoch else None, **m)
+        r = train(data.train_x, data.train_y, sizes=SIZES, epochs=args.epochs, batch_size=args.batch_size,
+                  seed=SEED, val=(data.val_x, data.val_y) if args.val_every_epoch else None, **m)
         fit_s = time.perf_counter() - t0
         acc = val_accuracy(r["model"](data.val_x), data.val_y)[0]
-        out.append({"part": "plain", "member": k, "epoch_s": r["epoch_s"], "epoch_cpu_s": r["epoch_cpu_s"],
-                    "fit_s": fit_s,
-                    "val_acc": [acc], "peak_mem_mb": peak_memory_mb(device)})
+        out.append({"part": part, "member": k, "epoch_s": r["epoch_s"], "epoch_cpu_s": r["epoch_cpu_s"],
+                    "fit_s": fit_s, "val_acc": [acc], "peak_mem_mb": peak_memory_mb(device)})
     return out
 
 
@@ -318,14 +359,15 @@ def summarize(records: list[dict], members: list[dict], args, env: dict) -> tupl
 
     if plain:
         row("plain PyTorch (autograd + torch.optim.SGD), one by one", "plain", K, plain)
-    parts = [("handgrad HandgradClassifier + Trainer, one by one", "trainer")]
+    parts = [("handgrad's step with no framework (raw), one by one", "raw"),
+             ("handgrad HandgradClassifier + Trainer, one by one", "trainer")]
     parts += [(f"handgrad GridClassifier (batched, compile={p[5:-1]}) + Trainer", p) for p in by_part
               if p.startswith("grid[")]
     for name, part in parts:
         s = stats(part)
         if s:
             row(name, part, K, s)
-    one = [(part, stats(part)) for part in ("trainer",) if plain and stats(part)]
+    one = [(part, stats(part)) for part in ("raw", "trainer") if plain and stats(part)]
     lines += [""] if one else []
     for part, t in one:
         lines.append(f"one member (median over members): plain {plain['one']:.3f} s/epoch, {part} "
@@ -401,8 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--members", type=int, default=6, help="the first N members of configs/grid.yaml's grid")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--parts", nargs="+", default=["plain", "trainer", "grid", "startup"],
-                   choices=("plain", "trainer", "grid", "startup"))
+    p.add_argument("--parts", nargs="+", default=["plain", "raw", "trainer", "grid", "startup"],
+                   choices=("plain", "raw", "trainer", "grid", "startup"))
     p.add_argument("--grid-compile", nargs="+", default=["none"], choices=("none", "inductor", "cuda_graph"),
                    help="GridClassifier(compile=...) modes to run the grid with (each is one more grid run)")
     p.add_argument("--val-every-epoch", action="store_true",
@@ -454,6 +496,8 @@ def main(argv=None) -> list[dict]:
         runs = []
         if "plain" in args.parts:
             runs += run_plain(args, data, members, device)
+        if "raw" in args.parts:
+            runs += run_plain(args, data, members, device, part="raw")
         if "trainer" in args.parts:
             runs += run_trainer(args, data, members, device)
         if "grid" in args.parts:
