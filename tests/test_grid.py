@@ -4,6 +4,7 @@ each member trained alone by a plain loop (handgrad.mlp.MLP + autograd + torch.o
 from __future__ import annotations
 
 import math
+import re
 
 import lightning as L
 import pytest
@@ -123,12 +124,16 @@ def test_expand_grid_cartesian_product_and_explicit_list():
     (dict(grid={"momentum": [0.9]}), "'lr' is required"),
     (dict(grid={"lr": []}), "empty"),
     (dict(members=[{"lr": 0.1, "wd": 0.1}]), "wd"),
-    (dict(members=[{"lr": -1.0}]), "lr must be >= 0"),
+    (dict(members=[{"lr": -1.0}]), "members[0]: lr must be a finite number >= 0, got -1.0"),
+    (dict(members=[{"lr": True}]), "members[0]: lr must be a finite number >= 0, got True"),
+    (dict(members=[{"lr": 0.1, "dampening": float("nan")}]), "dampening must be a number in [0, 1], got nan"),
+    (dict(members=[{"lr": 0.1, "momentum": 0.9, "nesterov": "false"}]), "nesterov must be true or false, got 'false'"),
+    (dict(grid={"lr": [0.1, "0.2"]}), "grid member 1: lr must be a finite number >= 0, got '0.2'"),
     (dict(members=[{"lr": 0.1, "nesterov": True}]), "nesterov"),
     (dict(members=[]), "empty"),
 ])
 def test_expand_grid_errors_say_what_is_wrong(kwargs, message):
-    with pytest.raises((ValueError, TypeError), match=message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         expand_grid(**kwargs)
 
 
@@ -427,6 +432,17 @@ def test_unsupported_precision_and_class_mismatch_are_explained():
         trainer(1).fit(model, datamodule=TwoClasses())
     with pytest.raises(ValueError, match="precision"):
         trainer(1, precision="bf16-mixed").fit(model, datamodule=TensorData())
+
+
+def test_several_processes_are_refused_with_the_sweep_as_the_way():
+    """The batched backward runs without autograd, so DDP would never average its gradients: each process would
+    train its own replica. setup() refuses it (checked on a trainer that is configured, not launched)."""
+    model = GridClassifier(members=MEMBERS[:2], sizes=SIZES, init_seed=SEED)
+    model.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.raises(ValueError, match=re.escape("run `python train.py sweep --trainer.devices N`")):
+        model.setup("fit")
+    model.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    model.setup("fit")  # one device: fine
 
 
 def test_resume_mid_epoch_equals_uninterrupted(image_folder, tmp_path):

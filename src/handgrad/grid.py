@@ -33,6 +33,7 @@ import math
 from typing import Literal, Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.strategies import SingleDeviceStrategy
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -41,7 +42,7 @@ from handgrad import activations
 from handgrad.backprop import grad_buffer
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
-from handgrad.optim import _single_tensor_sgd
+from handgrad.optim import _single_tensor_sgd, check_hyperparameters
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 HPARAM_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
@@ -62,15 +63,8 @@ def _member(d: dict, where: str) -> dict:
     if "lr" not in d:
         raise ValueError(f"{where}: 'lr' is required (got {d!r})")
     m = {**HPARAM_DEFAULTS, **d}
-    m = {k: (bool(m[k]) if k == "nesterov" else float(m[k])) for k in HPARAMS}
-    if not m["lr"] >= 0:
-        raise ValueError(f"{where}: lr must be >= 0, got {m['lr']}")
-    if not m["momentum"] >= 0:
-        raise ValueError(f"{where}: momentum must be >= 0, got {m['momentum']}")
-    if not m["weight_decay"] >= 0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {m['weight_decay']}")
-    if m["nesterov"] and (m["momentum"] <= 0 or m["dampening"] != 0):
-        raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening = 0, got {m}")
+    check_hyperparameters(*(m[k] for k in HPARAMS), name=lambda k: f"{where}: {k}")
+    m = {k: (m[k] if k == "nesterov" else float(m[k])) for k in HPARAMS}
     return m
 
 
@@ -559,6 +553,13 @@ class GridClassifier(L.LightningModule):
         if names is not None and len(names) != self.sizes[-1]:
             raise ValueError(f"the model has {self.sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} "
                              f"classes {list(names)}; set --model.sizes '{[*self.sizes[:-1], len(names)]}'")
+        if self.trainer.world_size > 1 or not isinstance(self.trainer.strategy, SingleDeviceStrategy):
+            # the batched backward runs without autograd, so DDP's gradient hooks would never average anything:
+            # every process would train its own replica on its own shard
+            raise ValueError(f"GridClassifier trains on one device (got strategy "
+                             f"{type(self.trainer.strategy).__name__} with {self.trainer.world_size} processes); "
+                             f"to use several devices run `python train.py sweep --trainer.devices N`, which gives "
+                             f"each device its own share of the members")
         if self.hparams.compile == "cuda_graph" and self.trainer.strategy.root_device.type != "cuda":
             raise ValueError("compile='cuda_graph' records the training step as a CUDA graph and needs a CUDA "
                              "device (--trainer.accelerator gpu); on a CPU use compile='inductor' or null")

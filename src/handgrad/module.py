@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from handgrad import losses
+from handgrad import losses, optim
 from handgrad.activations import ACTIVATIONS
 from handgrad.backprop import backward
 from handgrad.distributed import CheckpointError, all_reduce_gradients, is_distributed, world_size
@@ -497,15 +497,8 @@ def check_hyperparameters(*, sizes, activation, loss, lr, momentum, dampening, w
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)):
         raise ConfigError(f"--model.sizes must list at least two positive layer widths [n_0, ..., n_L] "
                           f"(n_0 = 3072 for CIFAR, n_L = number of classes), got {sizes!r}")
-    for name, value, high in (("lr", lr, math.inf), ("momentum", momentum, math.inf), ("dampening", dampening, 1),
-                              ("weight_decay", weight_decay, math.inf)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or not 0 <= value <= high:
-            bound = "a finite number >= 0" if high == math.inf else f"a number in [0, {high}]"
-            raise ConfigError(f"--model.{name} must be {bound}, got {value!r}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ConfigError(f"--model.nesterov true needs --model.momentum > 0 and --model.dampening 0, got momentum "
-                          f"{momentum} and dampening {dampening}")
+    optim.check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, name=lambda k: f"--model.{k}",
+                                error=ConfigError)
     if not isinstance(log_histograms_every_n_steps, int) or log_histograms_every_n_steps < 0:
         raise ConfigError(f"--model.log_histograms_every_n_steps must be >= 0 (0 = off), "
                           f"got {log_histograms_every_n_steps!r}")

@@ -21,11 +21,32 @@ results are bitwise equal, not just close.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+
+def check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, *,
+                          name: Callable[[str], str] = str, error: type[Exception] = ValueError) -> None:
+    """Refuse SGD hyperparameters from a config that training cannot use, naming each as ``name(key)`` (e.g.
+    ``--model.lr`` or ``members[2]: lr``): lr, momentum and weight decay finite numbers >= 0, dampening in
+    [0, 1], nesterov true or false, and nesterov only with momentum > 0 and dampening 0 (as torch.optim.SGD).
+    Booleans are not numbers here, and strings are not booleans: ``nesterov: "false"`` is an error."""
+    for key, value, high in (("lr", lr, math.inf), ("momentum", momentum, math.inf), ("dampening", dampening, 1),
+                             ("weight_decay", weight_decay, math.inf)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and 0 <= value <= high):
+            bound = "a finite number >= 0" if high == math.inf else f"a number in [0, {high}]"
+            raise error(f"{name(key)} must be {bound}, got {value!r}")
+    if not isinstance(nesterov, bool):
+        raise error(f"{name('nesterov')} must be true or false, got {nesterov!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise error(f"{name('nesterov')} true needs momentum > 0 and dampening 0, got momentum {momentum} and "
+                    f"dampening {dampening}")
 
 
 class SGD(Optimizer):
