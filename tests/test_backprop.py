@@ -83,6 +83,15 @@ def test_backward_matches_finite_differences(activation, loss):
                 assert rel_err(g, fd) < 1e-6, f"layer {l}, {tuple(p.shape)}"
 
 
+@pytest.mark.parametrize("activation", ACTS)
+def test_derivatives_at_zero_and_signed_zero_equal_autograd(activation):
+    """Random inputs never hit z = 0 exactly, where relu and leaky_relu have a kink: f'(±0) must be autograd's."""
+    z = torch.tensor([-1.5, -0.0, 0.0, 2.0, 1e-300, -1e-300], dtype=torch.float64, requires_grad=True)
+    f, df = activations.ACTIVATIONS[activation]
+    f(z).sum().backward()
+    torch.testing.assert_close(df(z.detach()), z.grad, rtol=1e-15, atol=0)  # (tanh: 1 - t^2 may differ by an ulp)
+
+
 def test_backward_needs_a_forward_pass_and_right_shape():
     model = MLP([4, 3, 2]).double()
     with pytest.raises(RuntimeError, match="call model"):

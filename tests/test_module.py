@@ -79,9 +79,10 @@ def fit(tmp_path, data=None, **model_kw):
     return init, model, rec
 
 
-def reference_run(init, batches, epochs=2, lr=0.01, momentum=0.9, weight_decay=0.001, loss="cross_entropy"):
+def reference_run(init, batches, epochs=2, lr=0.01, momentum=0.9, weight_decay=0.001, loss="cross_entropy",
+                  dtype=torch.float64):
     """The same training as a plain PyTorch loop: autograd gradients and torch.optim.SGD, no Lightning."""
-    model = HandgradClassifier(SIZES).mlp.double()
+    model = HandgradClassifier(SIZES).mlp.to(dtype)
     model.load_state_dict({k[len("mlp."):]: v for k, v in init.items()})
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses = []
@@ -89,7 +90,7 @@ def reference_run(init, batches, epochs=2, lr=0.01, momentum=0.9, weight_decay=0
         for x, y in batches:
             opt.zero_grad()
             out = model(x)
-            value = F.cross_entropy(out, y) if loss == "cross_entropy" else F.mse_loss(out, F.one_hot(y, 10).double())
+            value = F.cross_entropy(out, y) if loss == "cross_entropy" else F.mse_loss(out, F.one_hot(y, 10).to(dtype))
             value.backward()
             opt.step()
             losses.append(value.detach())
@@ -134,6 +135,7 @@ def test_four_switch_combinations_agree(tmp_path, loss):
 def test_float32_default_and_optimizer_state(tmp_path):
     L.seed_everything(265)
     model = HandgradClassifier(SIZES)
+    init = copy.deepcopy(model.state_dict())
     rec = RecordSteps()
     trainer(tmp_path, precision="32-true", callbacks=[rec]).fit(model, TensorData())
     assert rec.dtypes == {torch.float32}
@@ -141,6 +143,11 @@ def test_float32_default_and_optimizer_state(tmp_path):
     opt = model.trainer.optimizers[0]
     assert type(opt).__module__ == "handgrad.optim"
     assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
+    # the numbers: the plain float32 loop, up to float32 rounding in another order
+    ref_model, ref_losses = reference_run(init, TensorData().batches(dtype=torch.float32), dtype=torch.float32)
+    torch.testing.assert_close(torch.stack(rec.losses), ref_losses, rtol=1e-5, atol=0)
+    for name, w in weights(model).items():
+        torch.testing.assert_close(w, ref_model.state_dict()[name[len("mlp."):]], rtol=1e-4, atol=1e-6)
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):

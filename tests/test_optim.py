@@ -126,6 +126,27 @@ def test_invalid_arguments(kwargs, message):
         handgrad.SGD([torch.nn.Parameter(torch.ones(1))], **kwargs)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_parameter_whose_gradient_starts_later_matches_torch(foreach):
+    """b gets its first gradient at step 3, when a's momentum buffer already exists: the foreach path then mixes
+    new and old buffers in one group (its own branch). Bitwise equal to torch.optim.SGD at every step."""
+    g = torch.Generator().manual_seed(3)
+    grads = [(torch.randn(5, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64))
+             for _ in range(6)]
+    ours = [torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64)) for n in (5, 4)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    hp = dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01)
+    opts = handgrad.SGD(ours, foreach=foreach, **hp), torch.optim.SGD(theirs, foreach=foreach, **hp)
+    for step, (ga, gb) in enumerate(grads):
+        for params, opt in zip((ours, theirs), opts):
+            params[0].grad = ga.clone()
+            params[1].grad = gb.clone() if step >= 2 else None
+            opt.step()
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p, q), step
+    assert not torch.equal(theirs[1].detach(), ours[1].detach() * 0)  # (b moved)
+
+
 def test_skips_parameters_without_grad():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     opt = handgrad.SGD([a, b], lr=0.5, momentum=0.9)
