@@ -92,6 +92,20 @@ def test_derivatives_at_zero_and_signed_zero_equal_autograd(activation):
     torch.testing.assert_close(df(z.detach()), z.grad, rtol=1e-15, atol=0)  # (tanh: 1 - t^2 may differ by an ulp)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16, torch.uint32,
+                                   torch.uint64])
+def test_cross_entropy_takes_class_indices_of_any_integer_dtype(dtype):
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 2, 3, 0])
+    ref = losses.cross_entropy(logits, y)
+    for ours, theirs in zip(losses.cross_entropy(logits, y.to(dtype)), ref):
+        assert torch.equal(ours, theirs)
+    torch.testing.assert_close(ref[0], F.cross_entropy(logits, y), rtol=1e-14, atol=0)
+    for bad in (y.double(), y.bool()):
+        with pytest.raises(TypeError, match="class indices"):
+            losses.cross_entropy(logits, bad)
+
+
 def test_backward_needs_a_forward_pass_and_right_shape():
     model = MLP([4, 3, 2]).double()
     with pytest.raises(RuntimeError, match="call model"):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from handgrad.grid import (GridClassifier, GridMLP, GridSGD, HPARAMS, expand_grid, grid_backward,
-                           member_cross_entropy, member_name, select_best)
+                           member_name, select_best)
 from handgrad.activations import ACTIVATIONS
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
@@ -156,7 +156,7 @@ def test_grid_forward_and_backward_match_autograd_per_member(activation):
     x = torch.randn(10, 3, 16, dtype=torch.float64)
     y = torch.randint(0, SIZES[-1], (10,))
     logits = net(x)
-    loss, g = member_cross_entropy(logits, y)
+    loss, g = cross_entropy(logits, y)
     grid_backward(net, g)
     for k, m in enumerate(mlps):
         out = m(x)
@@ -170,12 +170,12 @@ def test_grid_forward_and_backward_match_autograd_per_member(activation):
     assert net.dL_dw[1] is net.weight["1"].grad and net.dL_dw[1].shape == (3, SIZES[1], SIZES[0])
 
 
-def test_member_cross_entropy_equals_the_single_model_loss_for_each_member():
+def test_cross_entropy_of_stacked_logits_is_each_members_own_loss():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 9, 3, generator=g, dtype=torch.float64) * 5
     logits[2] *= 100  # large logits: the max shift must keep it finite
     y = torch.randint(0, 3, (9,), generator=g)
-    loss, grad = member_cross_entropy(logits, y)
+    loss, grad = cross_entropy(logits, y)  # (K, N, C) logits, one target
     assert loss.shape == (4,) and grad.shape == logits.shape
     for k in range(4):
         ref_loss, ref_grad = cross_entropy(logits[k], y)
@@ -186,10 +186,10 @@ def test_member_cross_entropy_equals_the_single_model_loss_for_each_member():
         torch.testing.assert_close(loss[k], F.cross_entropy(logits[k], y), rtol=1e-13, atol=0)
         torch.testing.assert_close(grad[k], leaf.grad, rtol=1e-12, atol=1e-16)
     assert torch.isfinite(loss).all()
-    with pytest.raises(ValueError, match="class indices"):
-        member_cross_entropy(logits, y.double())
-    with pytest.raises(ValueError, match=r"\(K, N, C\)"):
-        member_cross_entropy(logits[0], y)
+    with pytest.raises(TypeError, match="class indices"):
+        cross_entropy(logits, y.double())
+    with pytest.raises(ValueError, match=r"\(N, C\) or \(K, N, C\)"):
+        cross_entropy(logits[None], y)
 
 
 def test_grid_backward_reuses_grad_buffers_and_checks_shapes():

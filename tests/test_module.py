@@ -150,6 +150,26 @@ def test_float32_default_and_optimizer_state(tmp_path):
         torch.testing.assert_close(w, ref_model.state_dict()[name[len("mlp."):]], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "grid"])
+def test_an_empty_training_batch_is_named_not_taken_for_divergence(tmp_path, kind):
+    from handgrad.grid import GridClassifier
+
+    x, y = TensorData().batches("train", torch.float32)[0]
+
+    class Batches:  # a loader that yields an empty second batch
+        def __iter__(self):
+            return iter([(x, y), (x[:0], y[:0])])
+
+        def __len__(self):
+            return 2
+
+    batches = Batches()
+    model = (HandgradClassifier(SIZES) if kind == "classifier"
+             else GridClassifier(members=[{"lr": 0.01}, {"lr": 0.1}], sizes=SIZES))
+    with pytest.raises(ValueError, match="training batch 1 is empty"):
+        trainer(tmp_path, precision="32-true", limit_val_batches=0).fit(model, train_dataloaders=batches)
+
+
 def test_nan_loss_stops_naming_the_step(tmp_path):
     L.seed_everything(265)
     model = HandgradClassifier(SIZES)

@@ -209,19 +209,6 @@ def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
             delta = torch.bmm(delta, W) * net.df[l - 1](net.z[l - 1])
 
 
-def member_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Each member's mean cross entropy L_k (K,) and its gradient dL_k/dx (K, N, C), for logits (K, N, C) and
-    one target (N,): :func:`handgrad.losses.cross_entropy` with the member axis in front, in one set of kernels
-    for all members (a loop over k would launch K times as many)."""
-    if logits.dim() != 3:
-        raise ValueError(f"member_cross_entropy: logits must have shape (K, N, C), got {tuple(logits.shape)}")
-    n = logits.shape[1]
-    if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
-        raise ValueError(f"member_cross_entropy: target must hold N = {n} class indices (an integer tensor of "
-                         f"shape ({n},)), got {target.dtype} of shape {tuple(target.shape)}")
-    return cross_entropy(logits, target)
-
-
 # ----------------------------------------------------------------------------- the batched SGD step
 
 
@@ -608,7 +595,7 @@ class GridClassifier(L.LightningModule):
     def _train_math(self, x: Tensor, y: Tensor) -> None:
         """Forward, per-member losses, failure mask, backward and metric sums: device work only, no host reads."""
         logits = self.net(x)
-        loss, g = member_cross_entropy(logits, y)
+        loss, g = cross_entropy(logits, y)
         newly_failed = self.alive & ~torch.isfinite(loss)
         self.failed_epoch.copy_(torch.where(newly_failed, self.epoch, self.failed_epoch))
         self.alive.logical_and_(~newly_failed)
@@ -617,6 +604,8 @@ class GridClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         x, y = batch
+        if y.shape[0] == 0:  # its mean loss would be 0/0 = NaN and mark every member as diverged
+            raise ValueError(f"training batch {batch_idx} is empty: the data loader must not yield empty batches")
         opt = self.optimizers()  # stepped through Lightning: it counts the step and feeds checkpoints
         if "train" not in self._counts:  # resumed mid-epoch: Lightning calls no on_train_epoch_start then
             self.on_train_epoch_start()
@@ -660,7 +649,7 @@ class GridClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x)
-        self._accumulate("val", member_cross_entropy(logits, y)[0], logits, y)
+        self._accumulate("val", cross_entropy(logits, y)[0], logits, y)
         self._counts["val"] += y.shape[0]
 
     def on_validation_epoch_end(self) -> None:
@@ -684,7 +673,7 @@ class GridClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x, member=self.test_member)
-        self._accumulate("test", member_cross_entropy(logits, y)[0], logits, y)
+        self._accumulate("test", cross_entropy(logits, y)[0], logits, y)
         self._counts["test"] += y.shape[0]
 
     def on_test_epoch_end(self) -> None:

@@ -48,7 +48,7 @@ def cross_entropy(logits: Tensor, target: Tensor, reduction: str = "mean") -> tu
     if logits.dim() not in (2, 3):
         raise ValueError(f"cross_entropy: logits must have shape (N, C) or (K, N, C), got {tuple(logits.shape)}")
     n, c = logits.shape[-2:]
-    if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"cross_entropy: target must hold class indices (an integer tensor), got dtype {target.dtype}")
     if target.shape != (n,):
         raise ValueError(f"cross_entropy: target must have shape ({n},), got {tuple(target.shape)}")

@@ -227,13 +227,13 @@ class HandgradClassifier(L.LightningModule):
         """The hand-written loss L (mean over the batch) and g = dL/da^L."""
         if self.hparams.loss == "cross_entropy":
             return losses.cross_entropy(out, y)
-        return losses.mse(out, F.one_hot(y, self.num_classes).to(out.dtype))
+        return losses.mse(out, F.one_hot(y.long(), self.num_classes).to(out.dtype))
 
     def torch_loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The same loss from torch.nn.functional, for the autograd path."""
         if self.hparams.loss == "cross_entropy":
             return F.cross_entropy(out, y)
-        return F.mse_loss(out, F.one_hot(y, self.num_classes).to(out.dtype))
+        return F.mse_loss(out, F.one_hot(y.long(), self.num_classes).to(out.dtype))
 
     def forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Forward pass, loss, and parameter gradients in ``.grad``; returns (output, loss, N).
@@ -275,6 +275,8 @@ class HandgradClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
+        if not len(y) and not is_distributed():  # (with several processes an empty share is fine: see below)
+            raise ValueError(f"training batch {batch_idx} is empty: the data loader must not yield empty batches")
         opt = self.optimizers()
         if self.hparams.backprop == "autograd":  # autograd accumulates into .grad; handgrad's backward overwrites it
             opt.zero_grad()
