@@ -165,9 +165,9 @@ def test_grid_forward_and_backward_match_autograd_per_member(activation):
         torch.testing.assert_close(logits[k], out, rtol=1e-13, atol=1e-14)
         torch.testing.assert_close(loss[k], ref, rtol=1e-13, atol=1e-14)
         for l in range(1, len(SIZES)):
-            torch.testing.assert_close(net.weight[str(l)].grad[k], m.fc[str(l)].weight.grad, rtol=1e-12, atol=1e-14)
-            torch.testing.assert_close(net.bias[str(l)].grad[k, 0], m.fc[str(l)].bias.grad, rtol=1e-12, atol=1e-14)
-    assert net.dL_dw[1] is net.weight["1"].grad and net.dL_dw[1].shape == (3, SIZES[1], SIZES[0])
+            torch.testing.assert_close(net.fc[str(l)].weight.grad[k], m.fc[str(l)].weight.grad, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(net.fc[str(l)].bias.grad[k], m.fc[str(l)].bias.grad, rtol=1e-12, atol=1e-14)
+    assert net.dL_dw[1] is net.fc["1"].weight.grad and net.dL_dw[1].shape == (3, SIZES[1], SIZES[0])
 
 
 def test_cross_entropy_of_stacked_logits_is_each_members_own_loss():
@@ -195,19 +195,22 @@ def test_cross_entropy_of_stacked_logits_is_each_members_own_loss():
 def test_grid_backward_reuses_grad_buffers_and_checks_shapes():
     net, _ = _grid_of_distinct_members()
     x = torch.randn(4, SIZES[0], dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="call net"):
+    with pytest.raises(RuntimeError, match=re.escape("call model(x) first")):
         grid_backward(net, torch.randn(3, 4, SIZES[-1], dtype=torch.float64))
     net(x)
     grid_backward(net, torch.randn(3, 4, SIZES[-1], dtype=torch.float64))
-    before = net.weight["1"].grad
+    before = net.fc["1"].weight.grad
     net(x)
     g = torch.randn(3, 4, SIZES[-1], dtype=torch.float64)
     grid_backward(net, g)
-    assert net.weight["1"].grad is before  # overwritten in place, not reallocated
+    assert net.fc["1"].weight.grad is before  # overwritten in place, not reallocated
     with pytest.raises(ValueError, match="grad_output has shape"):
         grid_backward(net, g[:2])
     with pytest.raises(ValueError, match="features per sample"):
         net(torch.randn(4, 5))
+    net(x, member=1)  # one member's forward only
+    with pytest.raises(ValueError, match="needs the forward of all K = 3 members"):
+        grid_backward(net, g[:1])
 
 
 def test_member_extraction_and_shared_initialisation():
@@ -236,7 +239,7 @@ def _sgd_pair(members, K, per_member=None):
 def _set_grads(net, mlps, gen, nan_member=None):
     for l in range(1, len(SIZES)):
         for name in ("weight", "bias"):
-            p = getattr(net, name)[str(l)]
+            p = getattr(net.fc[str(l)], name)
             g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
             if nan_member is not None:
                 g[nan_member] = math.nan
@@ -269,14 +272,14 @@ def test_grid_sgd_equals_torch_sgd_for_every_member(per_member):
     for k, m in enumerate(mlps):
         assert refs[k].state[m.fc["1"].weight].get("momentum_buffer") is not None or not SGD_MEMBERS[k].get("momentum")
         for l in range(1, len(SIZES)):
-            mine = (net.weight[str(l)][k], net.bias[str(l)][k, 0])
+            mine = (net.fc[str(l)].weight[k], net.fc[str(l)].bias[k])
             ref = (m.fc[str(l)].weight, m.fc[str(l)].bias)
             for a, b in zip(mine, ref):
                 if per_member:
                     assert torch.equal(a, b), (k, l)
                 else:
                     torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
-    assert opt.state[net.weight["1"]]["momentum_buffer"].shape == net.weight["1"].shape
+    assert opt.state[net.fc["1"].weight]["momentum_buffer"].shape == net.fc["1"].weight.shape
 
 
 def test_grid_sgd_layouts_agree_and_per_member_is_the_cpu_default():
@@ -309,7 +312,7 @@ def test_grid_sgd_alive_mask_freezes_a_member_and_keeps_the_others_going(per_mem
         assert torch.equal(p[1], frozen[n])  # unchanged, no NaN leaked in
     for k in (0, 2):
         for l in range(1, len(SIZES)):
-            torch.testing.assert_close(net.weight[str(l)][k], mlps[k].fc[str(l)].weight, rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(net.fc[str(l)].weight[k], mlps[k].fc[str(l)].weight, rtol=1e-15, atol=1e-15)
 
 
 def test_grid_sgd_rejects_bad_hyperparameters():
@@ -359,7 +362,7 @@ def test_batched_training_equals_each_member_trained_alone_float32():
     data = TensorData()
     model = GridClassifier(members=MEMBERS, sizes=SIZES, init_seed=SEED)
     trainer(4, precision="32-true").fit(model, datamodule=data)
-    assert model.net.weight["1"].dtype == torch.float32
+    assert model.net.fc["1"].weight.dtype == torch.float32
     for k, m in enumerate(MEMBERS):
         ref = train_alone(m, data, 4, dtype=torch.float32)
         assert abs(model.history["val_acc"][-1][k] - ref["val_acc"][-1]) <= 0.005, k

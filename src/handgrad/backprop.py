@@ -26,7 +26,9 @@ def backward(model, grad_output: Tensor) -> None:
 
     ``model`` exposes ``L``, ``fc`` (``fc[str(l)].weight`` is W^l), ``a``, ``z``, ``df`` as
     :class:`handgrad.mlp.MLP` does; ``grad_output`` is dL/da^L, shaped like ``model.a[L]``.
-    Inputs may be a batch (N, n) or a single sample (n,).
+    Inputs may be a batch (N, n) or a single sample (n,). With a leading member axis, as
+    :class:`handgrad.grid.GridMLP` has (W^l (K, n_l, n_{l-1}), b^l (K, n_l), a^l (K, N, n_l), a^0 (N, n_0)
+    shared), the same lines compute every member's gradients: the matrix products batch over k.
     """
     L = model.L
     if isinstance(model.z, dict) and L not in model.z:
@@ -41,10 +43,14 @@ def backward(model, grad_output: Tensor) -> None:
         delta = delta[None]
     for l in range(L, 0, -1):
         a_prev = model.a[l - 1]
-        a_prev = a_prev.reshape(1, -1) if single else a_prev.reshape(a_prev.shape[0], -1)
+        if single:
+            a_prev = a_prev.reshape(1, -1)
+        elif a_prev.dim() > delta.dim():  # an input cached unflattened, e.g. (N, 3, 32, 32)
+            a_prev = a_prev.flatten(delta.dim() - 1)
         layer = model.fc[str(l)]
-        model.dL_dw[l] = torch.mm(delta.T, a_prev, out=grad_buffer(layer.weight))
-        model.dL_db[l] = torch.sum(delta, 0, out=grad_buffer(layer.bias)) if layer.bias is not None else delta.sum(0)
+        model.dL_dw[l] = torch.matmul(delta.transpose(-2, -1), a_prev, out=grad_buffer(layer.weight))
+        model.dL_db[l] = (torch.sum(delta, -2, out=grad_buffer(layer.bias)) if layer.bias is not None
+                          else delta.sum(-2))
         if l > 1:
             z_prev = model.z[l - 1]
             delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)

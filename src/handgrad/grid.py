@@ -2,19 +2,15 @@
 
 Member k of the grid is the network of :mod:`handgrad.mlp` with its own weights
 W^l_k (n_l, n_{l-1}) and biases b^l_k; here they are stacked into one tensor per layer,
-``weight[l]`` of shape (K, n_l, n_{l-1}) and ``bias[l]`` of shape (K, 1, n_l), and every
+``fc[l].weight`` of shape (K, n_l, n_{l-1}) and ``fc[l].bias`` of shape (K, n_l), and every
 member sees the same mini-batch x (N, n_0). With a^0_k = x for every k:
 
     z^l_k = a^{l-1}_k W^{l T}_k + b^l_k        torch.baddbmm over the member axis   (K, N, n_l)
     a^l_k = f_l(z^l_k)
 
-The backward pass is the delta recursion of :mod:`handgrad.backprop` with the member axis
-in front (g_k = dL_k/da^L_k, each member's loss L_k is its own mean over the batch):
-
-    delta^L_k     = g_k ⊙ f_L'(z^L_k)                       (K, N, n_L)
-    delta^{l-1}_k = (delta^l_k W^l_k) ⊙ f_{l-1}'(z^{l-1}_k)  torch.bmm  (K, N, n_{l-1})
-    dL_k/dW^l_k   = delta^{l T}_k a^{l-1}_k                  torch.bmm  (K, n_l, n_{l-1})
-    dL_k/db^l_k   = sum_n delta^l_{k,n}                                 (K, 1, n_l)
+The backward pass is :func:`handgrad.backprop.backward` itself: its matrix products take the
+member axis in front as a batch axis (g_k = dL_k/da^L_k, each member's loss L_k is its own
+mean over the batch), so delta^l is (K, N, n_l) and dL/dW^l is (K, n_l, n_{l-1}).
 
 Members never mix: every product is batched over k, so member k's numbers are those of
 the same network trained alone (up to floating-point summation order inside a matrix
@@ -39,7 +35,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from handgrad import activations
-from handgrad.backprop import grad_buffer
+from handgrad.backprop import backward
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
 from handgrad.optim import _single_tensor_sgd, check_hyperparameters
@@ -114,10 +110,20 @@ def member_name(k: int, m: dict) -> str:
 # ----------------------------------------------------------------------------- the batched network
 
 
-class GridMLP(nn.Module):
-    """K copies of ``MLP(sizes, activation, output_activation)`` as one module.
+class StackedLinear(nn.Module):
+    """K ``nn.Linear(n_in, n_out)`` layers stacked on a member axis: ``weight`` (K, n_out, n_in), ``bias`` (K, n_out)."""
 
-    ``weight[str(l)]``: (K, n_l, n_{l-1}), ``bias[str(l)]``: (K, 1, n_l); ``a``, ``z``: the
+    def __init__(self, num_members: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_members, n_out, n_in))
+        self.bias = nn.Parameter(torch.zeros(num_members, n_out))
+
+
+class GridMLP(nn.Module):
+    """K copies of ``MLP(sizes, activation, output_activation)`` as one module, with the attributes of
+    :class:`handgrad.mlp.MLP` that :func:`handgrad.backprop.backward` reads, the member axis first:
+
+    ``fc[str(l)].weight``: (K, n_l, n_{l-1}), ``fc[str(l)].bias``: (K, n_l); ``a``, ``z``: the
     forward cache (a[0] is the shared input (N, n_0), a[l], z[l] are (K, N, n_l));
     ``dL_dw``, ``dL_db``: filled by :func:`grid_backward`.
     """
@@ -132,10 +138,7 @@ class GridMLP(nn.Module):
             raise ValueError(f"num_members must be >= 1, got {num_members}")
         self.n_l, self.L, self.K = sizes, len(sizes) - 1, int(num_members)
         self.activation, self.output_activation = activation, output_activation
-        self.weight = nn.ParameterDict(
-            {str(l): nn.Parameter(torch.zeros(self.K, sizes[l], sizes[l - 1])) for l in range(1, self.L + 1)})
-        self.bias = nn.ParameterDict(
-            {str(l): nn.Parameter(torch.zeros(self.K, 1, sizes[l])) for l in range(1, self.L + 1)})
+        self.fc = nn.ModuleDict({str(l): StackedLinear(self.K, sizes[l - 1], sizes[l]) for l in range(1, self.L + 1)})
         self.f, self.df = activations.per_layer(self.L, activation, output_activation)
         self.a: dict[int, Tensor] = {}
         self.z: dict[int, Tensor] = {}
@@ -150,8 +153,8 @@ class GridMLP(nn.Module):
         ks = range(self.K) if members is None else members
         for l in range(1, self.L + 1):
             for k in ks:
-                self.weight[str(l)][k].copy_(mlp.fc[str(l)].weight)
-                self.bias[str(l)][k, 0].copy_(mlp.fc[str(l)].bias)
+                self.fc[str(l)].weight[k].copy_(mlp.fc[str(l)].weight)
+                self.fc[str(l)].bias[k].copy_(mlp.fc[str(l)].bias)
         return self
 
     @torch.no_grad()
@@ -159,11 +162,11 @@ class GridMLP(nn.Module):
         """Member k as a standalone :class:`MLP` (a copy, same dtype and device)."""
         if not 0 <= k < self.K:
             raise IndexError(f"member {k} does not exist: the grid has K = {self.K} members")
-        w = self.weight["1"]
+        w = self.fc["1"].weight
         mlp = MLP(self.n_l, self.activation, self.output_activation).to(device=w.device, dtype=w.dtype)
         for l in range(1, self.L + 1):
-            mlp.fc[str(l)].weight.copy_(self.weight[str(l)][k])
-            mlp.fc[str(l)].bias.copy_(self.bias[str(l)][k, 0])
+            mlp.fc[str(l)].weight.copy_(self.fc[str(l)].weight[k])
+            mlp.fc[str(l)].bias.copy_(self.fc[str(l)].bias[k])
         return mlp
 
     def forward(self, x: Tensor, member: Optional[int] = None) -> Tensor:
@@ -182,31 +185,20 @@ class GridMLP(nn.Module):
         self.z = {}
         a = a0.expand(self.K if member is None else 1, *a0.shape)
         for l in range(1, self.L + 1):
-            z = torch.baddbmm(self.bias[str(l)][ks], a, self.weight[str(l)][ks].transpose(1, 2))
+            layer = self.fc[str(l)]
+            z = torch.baddbmm(layer.bias[ks, None], a, layer.weight[ks].transpose(1, 2))
             a = self.f[l](z)
             self.z[l], self.a[l] = z, a
         return a
 
 
-@torch.no_grad()
 def grid_backward(net: GridMLP, grad_output: Tensor) -> None:
-    """The batched delta recursion (equations in the module docstring): fills the parameters' ``.grad``
-    (overwriting the previous gradient in place) and ``net.dL_dw[l]``, ``net.dL_db[l]`` (the same
-    tensors) from g = dL_k/da^L_k of shape (K, N, n_L)."""
-    L = net.L
-    if L not in net.z:
-        raise RuntimeError("grid_backward() needs the cached activations: call net(x) first")
-    if grad_output.shape != net.a[L].shape or net.a[L].shape[0] != net.K:
-        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)}, the grid's output a[L] has "
-                         f"{tuple(net.a[L].shape)} (a backward pass needs the forward of all K = {net.K} members)")
-    delta = grad_output * net.df[L](net.z[L])
-    for l in range(L, 0, -1):
-        a_prev = net.a[l - 1] if l > 1 else net.a[0].expand(net.K, *net.a[0].shape)
-        W, b = net.weight[str(l)], net.bias[str(l)]
-        net.dL_dw[l] = torch.bmm(delta.transpose(1, 2), a_prev, out=grad_buffer(W))
-        net.dL_db[l] = torch.sum(delta, 1, keepdim=True, out=grad_buffer(b))
-        if l > 1:
-            delta = torch.bmm(delta, W) * net.df[l - 1](net.z[l - 1])
+    """:func:`handgrad.backprop.backward` for the whole grid: fills the parameters' ``.grad`` (overwritten in place)
+    and ``net.dL_dw[l]``, ``net.dL_db[l]`` (the same tensors) from g = dL_k/da^L_k of shape (K, N, n_L)."""
+    if net.L in net.a and net.a[net.L].shape[0] != net.K:
+        raise ValueError(f"the last forward pass computed {net.a[net.L].shape[0]} member(s); a backward pass needs "
+                         f"the forward of all K = {net.K} members (call net(x) without member=)")
+    backward(net, grad_output)
 
 
 # ----------------------------------------------------------------------------- the batched SGD step
@@ -561,7 +553,7 @@ class GridClassifier(L.LightningModule):
 
     def _reset(self, stage: str) -> None:
         """Zero the stage's sums in place (allocated once: a captured step keeps writing into the same tensors)."""
-        w = self.net.weight["1"]
+        w = self.net.fc["1"].weight
         sums = self._sums.get(stage)
         if sums is None or sums[0].device != w.device or sums[0].dtype != w.dtype:
             self._sums[stage] = (w.new_zeros(self.K), torch.zeros(self.K, dtype=torch.long, device=w.device))

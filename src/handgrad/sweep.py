@@ -215,7 +215,7 @@ def run_split(cli: SweepCLI, args: list[str], log_dir: Path) -> dict:
         model = GridClassifier(members=[members[best]], sizes=hp.sizes, activation=hp.activation,
                                init_seed=hp.init_seed)
         state = {k: v[local:local + 1] for k, v in parts_out[i]["state_dict"].items()}
-        model.net.to(state["net.weight.1"].dtype)  # load float64 weights as float64, not rounded through float32
+        model.net.to(state["net.fc.1.weight"].dtype)  # load float64 weights as float64, not rounded through float32
         model.load_state_dict(state)
         model.test_member = 0
         tester = cli.instantiate_trainer(devices=1, strategy="auto", logger=False, default_root_dir=str(log_dir))
