@@ -20,19 +20,23 @@ hand-written gradients are averaged over all processes (handgrad.distributed). C
 
 from __future__ import annotations
 
+import csv
 import inspect
 import sys
 import tempfile
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
+from typing import Optional
 
+import torch
 import yaml
 from jsonargparse import lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 
 from handgrad.data import BadDataError, CIFAR10DataModule, DataNotFoundError
 from handgrad.distributed import AtomicCheckpointIO, CheckpointError
@@ -111,6 +115,8 @@ class HandgradCLI(LightningCLI):
             explicit = {k: asked[k] for k in ARCHITECTURE
                         if list_or_value(asked[k]) != list_or_value(defaults[k].default)}  # asked for, not default
             check_architecture(checkpoint, explicit, ckpt_path)
+            if subcommand == "fit":
+                check_resume(checkpoint, self.config["fit"], ckpt_path)
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
@@ -118,7 +124,83 @@ class HandgradCLI(LightningCLI):
         check_output_dirs(self.trainer)
         self.model.check_data(self.datamodule)
 
-    before_validate = before_test = before_predict = before_fit
+    def before_validate(self) -> None:
+        """validate, test and predict evaluate the weights of --ckpt_path: without one they would evaluate a freshly
+        initialised model (and "best"/"last" find nothing in the new run's folder)."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None or not Path(str(ckpt_path)).is_file():
+            got = "none was given" if ckpt_path is None else f"got {ckpt_path!r}, which is not a file"
+            raise ConfigError(f"`{self.subcommand}` evaluates the weights of a checkpoint: pass --ckpt_path PATH.ckpt "
+                              f"(e.g. lightning_logs/version_0/checkpoints/last.ckpt); {got}")
+        self.before_fit()
+
+    before_test = before_validate
+
+    def before_predict(self) -> None:
+        self.before_validate()
+        self.trainer.callbacks.append(PredictionWriter())
+
+
+class PredictionWriter(BasePredictionWriter):
+    """`predict` writes predictions.csv into the run's log folder: per image of the predict set (the test images,
+    in their order) its index, the predicted class and, where the data has labels, the true class; and prints
+    where it is and the accuracy."""
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self.rows: list[tuple[Tensor, Optional[Tensor]]] = []
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        self.rows.append((prediction.cpu(), None if target is None else target.cpu()))
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.rows:
+            return
+        names = pl_module.class_names
+        pred = torch.cat([p for p, _ in self.rows])
+        target = torch.cat([t for _, t in self.rows]) if all(t is not None for _, t in self.rows) else None
+        path = Path(trainer.log_dir or ".") / "predictions.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["index", "predicted", "predicted_class"] + (["target", "target_class"] if target is not None
+                                                                        else []))
+            for i, p in enumerate(pred.tolist()):
+                row = [i, p, names[p]]
+                if target is not None:
+                    row += [int(target[i]), names[int(target[i])]]
+                out.writerow(row)
+        accuracy = f", accuracy {(pred == target).double().mean():.4f} against the labels" if target is not None else ""
+        print(f"predictions of {len(pred)} images written to {path}{accuracy}")
+
+
+RESUMED_MODEL = ("loss", "lr", "momentum", "dampening", "weight_decay", "nesterov", "backprop", "optimizer")
+RESUMED_DATA = ("classes", "val_fraction", "split_seed", "batch_size", "shuffle")  # they fix every batch
+
+
+def check_resume(checkpoint: dict, config, path) -> None:
+    """`fit --ckpt_path` continues the checkpoint's run batch for batch: refuse options that differ from the run's
+    own training settings (LightningCLI would silently replace the model's by the checkpoint's and keep the data's,
+    so the run would go on with other batches than it started with), naming the flags that fit the checkpoint."""
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (YAML lists vs tuples)
+    differ = []  # (flag, the checkpoint's value, the options' value)
+    for section, keys, saved in (("model", RESUMED_MODEL, checkpoint.get("hyper_parameters", {})),
+                                 ("data", RESUMED_DATA, checkpoint.get("datamodule_hyper_parameters", {}))):
+        for key in keys:
+            if key in saved and plain(saved[key]) != plain(config[section][key]):
+                differ.append((f"--{section}.{key}", plain(saved[key]), plain(config[section][key])))
+    if differ:
+        asked = ", ".join(f"{flag} {value}" for flag, _, value in differ)
+        value = lambda v: repr(yaml.safe_dump(v, default_flow_style=True).strip()) if isinstance(v, list) else v  # noqa: E731
+        fix = " ".join(f"{flag} {value(saved)}" for flag, saved, _ in differ)
+        raise CheckpointError(f"checkpoint {path} was trained with other settings than these options give ({asked}); "
+                              f"resuming continues that run batch for batch, so pass {fix} (or leave out --ckpt_path "
+                              f"to start a new run)")
 
 
 def check_output_dirs(trainer) -> None:
@@ -176,11 +258,15 @@ def run_default(overrides: list[str]) -> HandgradCLI:
     best, last = trainer.checkpoint_callbacks[:2]  # see HandgradCLI.add_arguments_to_parser
     summary = {"TensorBoard logs": f"{trainer.log_dir}   (tensorboard --logdir {Path(trainer.log_dir).parent})",
                "best checkpoint": best.best_model_path, "last checkpoint": last.best_model_path}
+    which = "best" if best.best_model_path else "last"  # no validation ran: no best checkpoint, test the last weights
     if best.best_model_score is not None:
         summary["val acc  (best)"] = f"{float(best.best_model_score):.4f}"
     results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best.best_model_path or None)
     if results and "test/acc" in results[0]:
-        summary["test acc (best)"] = f"{results[0]['test/acc']:.4f}"
+        summary[f"test acc ({which})"] = f"{results[0]['test/acc']:.4f}"
+    if best.best_model_score is not None and trainer.logger is not None:
+        # TensorBoard's HPARAMS tab shows the last hp/val_acc: make it the tested (best) model's, beside its hp/test_acc
+        trainer.logger.log_metrics({"hp/val_acc": float(best.best_model_score)}, step=trainer.global_step)
     print("\nDone.\n" + "\n".join(f"  {key:<16} : {value}" for key, value in summary.items() if value))
     return cli
 

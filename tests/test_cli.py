@@ -6,6 +6,7 @@ run against the autograd + torch.optim.SGD run, and an uninterrupted run against
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import sys
 import types
@@ -49,7 +50,7 @@ def accuracy(ckpt: Path, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).double().mean().item()
 
 
-def test_fit_validate_test_predict(cli_args, tmp_path):
+def test_fit_validate_test_predict(cli_args, tmp_path, capsys):
     cli = train.main(["fit", *cli_args, "--model.log_histograms_every_n_steps", "2"])
     log_dir = tmp_path / "lightning_logs" / "version_0"
     assert Path(cli.trainer.logger.log_dir).resolve() == log_dir
@@ -89,7 +90,16 @@ def test_fit_validate_test_predict(cli_args, tmp_path):
     assert "test/confusion_matrix" in ev.Tags()["images"]
     assert ev.Scalars("test/acc")[-1].value == pytest.approx(accuracy(Path(best), dm.test_x, dm.test_y), abs=1e-6)
 
-    train.main(["predict", *cli_args, "--ckpt_path", best])
+    pred = train.main(["predict", *cli_args, "--ckpt_path", best])
+    rows = list(csv.DictReader(open(Path(pred.trainer.log_dir) / "predictions.csv")))
+    model = HandgradClassifier.load_from_checkpoint(best, map_location="cpu")
+    with torch.no_grad():
+        expected = model(dm.test_x).argmax(1)
+    assert [int(r["index"]) for r in rows] == list(range(len(dm.test_y)))
+    assert [int(r["predicted"]) for r in rows] == expected.tolist()
+    assert [int(r["target"]) for r in rows] == dm.test_y.tolist()
+    assert {r["predicted_class"] for r in rows} <= {"airplane", "bird"}
+    assert f"accuracy {(expected == dm.test_y).double().mean():.4f} against the labels" in capsys.readouterr().out
 
 
 def test_default_job_fits_tests_and_prints_a_summary(cli_args, tmp_path, capsys):
@@ -104,7 +114,19 @@ def test_default_job_fits_tests_and_prints_a_summary(cli_args, tmp_path, capsys)
     assert "TensorBoard logs : ./lightning_logs/version_0" in out
     test_acc = accuracy(Path(best), dm.test_x, dm.test_y)
     assert f"test acc (best)  : {test_acc:.4f}" in out
-    assert "test/acc" in events(tmp_path / "lightning_logs" / "version_0").Tags()["scalars"]
+    ev = events(tmp_path / "lightning_logs" / "version_0")
+    assert "test/acc" in ev.Tags()["scalars"]
+    # the HPARAMS tab pairs the tested model's numbers: hp/val_acc ends at the best checkpoint's val accuracy
+    best_val = float(cli.trainer.checkpoint_callbacks[0].best_model_score)
+    assert ev.Scalars("hp/val_acc")[-1].value == pytest.approx(best_val, abs=1e-6)
+    assert ev.Scalars("hp/test_acc")[-1].value == pytest.approx(test_acc, abs=1e-6)
+
+
+def test_default_job_without_validation_says_it_tested_the_last_weights(cli_args, capsys):
+    cli = train.main([*cli_args[2:], "--trainer.limit_val_batches", "0"])
+    out = capsys.readouterr().out
+    assert "test acc (last)  : " in out and "(best)" not in out
+    assert cli.trainer.checkpoint_callbacks[0].best_model_path == ""
 
 
 def test_missing_data_is_a_clear_error_without_traceback(tmp_path, monkeypatch, capsys):

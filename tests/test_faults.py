@@ -269,6 +269,33 @@ def test_checkpoint_of_another_architecture(data_dir, trained_checkpoint, tmp_pa
     assert snapshot(tmp_path, data_dir, trained_checkpoint.parent) == before
 
 
+def test_resume_with_other_training_settings_is_refused(data_dir, trained_checkpoint, tmp_path, monkeypatch, capsys):
+    """LightningCLI would take the model's settings from the checkpoint (dropping --model.lr 0.2 without a word) and
+    the data's from the options (other batches than the run started with): fit --ckpt_path names both instead."""
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path, data_dir, trained_checkpoint.parent)
+    args = fit_args(data_dir, "--model.lr", "0.2", "--data.batch_size", "4", "--data.classes", "[bird, airplane]",
+                    "--ckpt_path", str(trained_checkpoint))
+    err = run_cli(args, capsys)
+    assert (f"error: checkpoint {trained_checkpoint} was trained with other settings than these options give "
+            f"(--model.lr 0.2, --data.classes ['bird', 'airplane'], --data.batch_size 4); resuming continues that "
+            f"run batch for batch, so pass --model.lr 0.01 --data.classes '[airplane, bird]' --data.batch_size 8") in err
+    assert snapshot(tmp_path, data_dir, trained_checkpoint.parent) == before
+    # the same settings resume (and validate/test take any: they only evaluate the weights)
+    train.main(fit_args(data_dir, "--trainer.max_epochs", "2", "--ckpt_path", str(trained_checkpoint)))
+    train.main(["test", *fit_args(data_dir, "--data.batch_size", "4", "--ckpt_path", str(trained_checkpoint))[1:]])
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_needs_a_checkpoint_file(data_dir, tmp_path, monkeypatch, capsys, subcommand):
+    """Without --ckpt_path, validate/test/predict would evaluate a freshly initialised model and report it."""
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--ckpt_path", "last"]):
+        err = run_cli([subcommand, *fit_args(data_dir, *extra)[1:]], capsys)
+        assert f"error: `{subcommand}` evaluates the weights of a checkpoint: pass --ckpt_path PATH.ckpt" in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
 def test_checkpoint_of_another_architecture_python_api(data_dir, trained_checkpoint, tmp_path):
     """Trainer.fit(model, ckpt_path=...) with a model of other sizes: the same message, not a state-dict traceback."""
     from handgrad.data import CIFAR10DataModule
