@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import logging
 import sys
 import tempfile
 import warnings
@@ -33,7 +34,7 @@ import torch
 import yaml
 from jsonargparse import lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
@@ -69,6 +70,8 @@ class HandgradCLI(LightningCLI):
                 trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir=".", name="lightning_logs",
                                                           default_hp_metric=False),
                                   "plugins": lazy_instance(AtomicCheckpointIO)},
+                # a resumed fit writes into its own run folder (resume_in_its_run): its config.yaml is replaced there
+                save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False,  # the optimizer is a model option: --model.optimizer handgrad|torch
                 # every subcommand starts from the reference job (configs/default.yaml); --config and flags override it
                 parser_kwargs={"description": __doc__, "formatter_class": RawDescriptionHelpFormatter,
@@ -121,8 +124,12 @@ class HandgradCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Refuse bad input before anything is written: output folders, the model against the data."""
+        if self.subcommand == "fit" and self.config["fit"].get("ckpt_path"):
+            resume_in_its_run(self.trainer, self.config["fit"]["ckpt_path"])
         check_output_dirs(self.trainer)
         self.model.check_data(self.datamodule)
+        if self.subcommand in (None, "fit"):
+            add_lr_monitor(self.trainer)
 
     def before_validate(self) -> None:
         """validate, test and predict evaluate the weights of --ckpt_path: without one they would evaluate a freshly
@@ -203,6 +210,26 @@ def check_resume(checkpoint: dict, config, path) -> None:
                               f"to start a new run)")
 
 
+def resume_in_its_run(trainer, ckpt_path) -> None:
+    """A resumed fit logs into the run folder its checkpoint came from (lightning_logs/version_N, when the checkpoint
+    lies in its checkpoints/ and the logger writes beside it): the TensorBoard curves go on in the same run and the
+    best-checkpoint callback finds its own folder again, so it keeps the best score of the epochs before the
+    interruption (in a new version_N it would start its search anew, and "best" would be the best since resuming)."""
+    logger = trainer.logger
+    run = Path(str(ckpt_path)).absolute().parent.parent
+    if (isinstance(logger, TensorBoardLogger) and len(trainer.loggers) == 1 and run.name.startswith("version_")
+            and run.parent == Path(logger.root_dir).absolute()):
+        trainer.logger = TensorBoardLogger(logger.save_dir, name=logger.name, version=run.name,
+                                           default_hp_metric=False)
+
+
+def add_lr_monitor(trainer) -> None:
+    """Log the learning rate of every epoch (lr-SGD in TensorBoard: a schedule's curve) with Lightning's
+    LearningRateMonitor, when there is a logger to write to and the options did not add one already."""
+    if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+        trainer.callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+
+
 def check_output_dirs(trainer) -> None:
     """Refuse to start when a log or checkpoint folder cannot be written (read-only, or a file in the way), before
     anything is trained or written: probe the nearest existing folder of each with a temporary file."""
@@ -254,6 +281,7 @@ def run_default(overrides: list[str]) -> HandgradCLI:
     trainer = cli.trainer
     check_output_dirs(trainer)
     cli.model.check_data(cli.datamodule)
+    add_lr_monitor(trainer)
     trainer.fit(cli.model, datamodule=cli.datamodule)
     best, last = trainer.checkpoint_callbacks[:2]  # see HandgradCLI.add_arguments_to_parser
     summary = {"TensorBoard logs": f"{trainer.log_dir}   (tensorboard --logdir {Path(trainer.log_dir).parent})",
@@ -271,9 +299,22 @@ def run_default(overrides: list[str]) -> HandgradCLI:
     return cli
 
 
+def quiet_notices_that_do_not_apply() -> None:
+    """Lightning notices that say nothing about this project's runs, silenced by their exact text: an advert for a
+    cloud logger; a warning that checkpoints written every N steps under manual optimization hold the state after
+    the step (what resuming here needs: tests/test_faults.py checks it resumes exactly); a note that a checkpoint
+    loaded for validate/test/predict came from another run folder; an internal deprecation in Lightning itself."""
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "Tip: For seamless cloud logging" not in str(record.msg))
+
+
 def main(args: list[str] | None = None):
     """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep; else LightningCLI."""
     args = sys.argv[1:] if args is None else list(args)
+    quiet_notices_that_do_not_apply()
     try:
         if args and args[0] == "sweep":
             from handgrad.sweep import main as sweep_main  # imported only when asked for

@@ -66,6 +66,8 @@ def test_fit_validate_test_predict(cli_args, tmp_path, capsys):
         <= set(tags["histograms"])
     assert [e.step for e in ev.Histograms("grads/fc.1.weight")] == [0, 2, 4, 6]
     assert "_hparams_/experiment" in ev.PluginTagToContent("hparams")
+    # LearningRateMonitor: the learning rate of each epoch
+    assert [e.value for e in ev.Scalars("lr-SGD")] == pytest.approx([cli.model.hparams.lr] * 2)
     assert len(ev.Scalars("train/loss_step")) == 8 and len(ev.Scalars("val/acc")) == 2
     assert (log_dir / "config.yaml").is_file() and (log_dir / "hparams.yaml").is_file()
 
@@ -175,6 +177,13 @@ def test_resume_after_interrupt_is_bitwise_identical(cli_args, monkeypatch):
 
     resumed = train.main([*args, "--ckpt_path", str(last)])
     assert resumed.trainer.global_step == full.trainer.global_step == 16
+    # it went on in its own run folder, and the best checkpoint is the best of all 4 epochs, as uninterrupted
+    assert Path(resumed.trainer.log_dir).resolve() == last.parent.parent.resolve()
+    assert not Path("lightning_logs/version_2").exists()
+    best_full, best_resumed = (r.trainer.checkpoint_callbacks[0] for r in (full, resumed))
+    assert float(best_resumed.best_model_score) == float(best_full.best_model_score)
+    assert Path(best_resumed.best_model_path).name == Path(best_full.best_model_path).name
+    assert len(events(last.parent.parent).Scalars("val/acc")) == 4  # the curve goes on: epochs 0-1, then 2-3
     for name, w in full.model.state_dict().items():
         assert torch.equal(w, resumed.model.state_dict()[name]), name
     opt_full, opt_resumed = full.trainer.optimizers[0], resumed.trainer.optimizers[0]

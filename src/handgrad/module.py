@@ -86,7 +86,11 @@ class HandgradClassifier(L.LightningModule):
         sizes: layer widths [n_0, ..., n_L]; n_0 = 3*32*32 = 3072 for CIFAR, n_L = number of classes.
         activation: hidden activation, a key of :data:`handgrad.activations.ACTIVATIONS`.
         loss: "cross_entropy" (softmax cross entropy) or "mse" (squared error to the one-hot target).
-        lr, momentum, dampening, weight_decay, nesterov: the SGD hyperparameters (as ``torch.optim.SGD``).
+        lr: the learning rate γ of SGD (as ``torch.optim.SGD``).
+        momentum: the momentum μ (0 = plain SGD).
+        dampening: the dampening τ of the momentum buffer, in [0, 1].
+        weight_decay: the L2 weight decay λ (added to the gradient: g + λ p).
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
         backprop: "handgrad" (delta recursion, :func:`handgrad.backprop.backward`) or "autograd".
         optimizer: "handgrad" (:class:`handgrad.optim.SGD`) or "torch" (``torch.optim.SGD``).
         lr_scheduler: optional ``optimizer -> scheduler`` callable, stepped once per epoch; in a config:
