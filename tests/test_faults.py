@@ -120,16 +120,15 @@ def test_sigkill_during_training_then_resume_gives_the_same_weights(data_dir, un
         proc.wait(timeout=60)
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(last, weights_only=False)["global_step"]
-    assert reads >= 1 and 6 <= killed_at < 20
+    killed = torch.load(last, weights_only=False)
+    assert reads >= 1 and 6 <= killed["global_step"] < 20
 
     monkeypatch.chdir(tmp_path)
-    resumed = train.main(fit_args(data_dir, *RESUMABLE, "--ckpt_path", str(last)))
+    resumed = train.main(fit_args(data_dir, *RESUMABLE, "--ckpt_path", str(last)))  # goes on in version_0
     full, _ = uninterrupted
     assert_same_final_state(full, resumed)
     # the checkpoint held a mid-training state: resuming did the remaining steps
-    killed = torch.load(last, weights_only=False)["state_dict"]
-    assert not torch.equal(killed["mlp.fc.1.weight"], full.model.state_dict()["mlp.fc.1.weight"])
+    assert not torch.equal(killed["state_dict"]["mlp.fc.1.weight"], full.model.state_dict()["mlp.fc.1.weight"])
 
 
 @pytest.mark.parametrize("step", [4, 10])
