@@ -4,12 +4,15 @@ Lightning integration, and the real airplane/bird JPEGs."""
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import pickle
 import shutil
 import tarfile
 import urllib.error
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -192,15 +195,31 @@ def test_missing_data_dir_without_download(tmp_path):
     dm = CIFAR10DataModule(str(tmp_path / "nope"), download=False)
     with pytest.raises(DataNotFoundError, match=r"download=False.*cifar-10-python\.tar\.gz.*--data\.data_dir"):
         dm.prepare_data()
-    with pytest.raises(DataNotFoundError, match="--data.data_dir"):
+    with pytest.raises(DataNotFoundError, match="--data.data_dir") as err:
         dm.setup()
+    assert str(err.value).startswith(f"No CIFAR-10 data found in {tmp_path / 'nope'}: that folder does not exist "
+                                     f"(a typo in --data.data_dir?). prepare_data() (the Trainer calls it) ")
     assert not (tmp_path / "nope").exists()
+    (tmp_path / "nope").mkdir()  # an existing, empty folder: no typo to point at
+    with pytest.raises(DataNotFoundError, match=f"No CIFAR-10 data found in {tmp_path / 'nope'} and download=False"):
+        dm.prepare_data()
+
+
+def fake_download(monkeypatch, fail: bool):
+    """Replace torchvision's download like it behaves: it creates the folder (mkdir -p) and writes the archive,
+    then fails offline (a partial file left) or 'extracts' a small official-format cifar-10-batches-py/."""
+    def download_and_extract_archive(url, download_root, filename, md5):
+        os.makedirs(download_root, exist_ok=True)
+        (Path(download_root) / filename).write_bytes(b"partial")
+        if fail:
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        write_pickle_batches(Path(download_root))
+    monkeypatch.setattr(cifar_io, "download_and_extract_archive", download_and_extract_archive)
 
 
 def test_download_failure_says_how_to_supply_data(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-    monkeypatch.setattr(cifar_io, "download_and_extract_archive", offline)
+    fake_download(monkeypatch, fail=True)
+    (tmp_path / "data").mkdir()
     dm = CIFAR10DataModule(str(tmp_path / "data"), download=True)
     with pytest.raises(DataNotFoundError) as err:
         dm.prepare_data()
@@ -208,6 +227,59 @@ def test_download_failure_says_how_to_supply_data(tmp_path, monkeypatch):
     for text in ("Could not download", "Name or service not known", "cifar-10-python.tar.gz", "cifar-10-batches-py/",
                  "train/<class>/", "--data.data_dir PATH"):
         assert text in str(err.value)
+    assert "did not exist" not in str(err.value) and "\n" not in str(err.value)
+    assert list((tmp_path / "data").iterdir()) == []  # the user's folder stays, without our partial download
+
+
+def test_failed_download_into_missing_folder_leaves_no_folders(tmp_path, monkeypatch):
+    fake_download(monkeypatch, fail=True)
+    (tmp_path / "work").mkdir()
+    typo = tmp_path / "work" / "dtaa" / "cifar"
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10DataModule(str(typo), download=True).prepare_data()
+    assert f"Could not download CIFAR-10 from {cifar_io.CIFAR10_URL} (URLError" in str(err.value)
+    assert f"The folder {typo} did not exist (a typo in --data.data_dir?). Without network: " in str(err.value)
+    assert list((tmp_path / "work").iterdir()) == []  # neither dtaa/ nor dtaa/cifar/ is left behind
+
+
+def test_successful_download_creates_the_folder(tmp_path, monkeypatch):
+    fake_download(monkeypatch, fail=False)
+    data = tmp_path / "new" / "data"
+    dm = CIFAR10DataModule(str(data), download=True)
+    dm.prepare_data()
+    dm.setup()
+    assert (data / "cifar-10-batches-py" / "data_batch_1").is_file()
+    assert dm.class_counts == {"train": [12, 12], "val": [3, 3], "test": [4, 4]}
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_data_dir_that_is_a_file_says_pass_its_folder(tmp_path, monkeypatch, download):
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download into a file path")
+    monkeypatch.setattr(cifar_io, "download_and_extract_archive", no_download)
+    write_image_folder(tmp_path / "src" / "cifar10-jpeg", per_class_train=5, per_class_test=2,
+                       classes=("airplane", "bird"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    archive = shared / "cifar10-jpeg.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
+    dm = CIFAR10DataModule(str(archive), download=download)
+    for step in (dm.prepare_data, dm.setup):
+        with pytest.raises(DataNotFoundError) as err:
+            step()
+        assert str(err.value) == (
+            f"data_dir {archive} is a file, not a folder. Pass the folder that holds it (--data.data_dir {shared}; "
+            f"an archive in it is extracted there, once), or link it into a folder of your own: mkdir -p data && "
+            f"ln -s {archive} data/ (then --data.data_dir data).")
+    with pytest.raises(DataNotFoundError, match=f"data_dir {archive / 'sub'} cannot be a folder: {archive} is a file"):
+        CIFAR10DataModule(str(archive / "sub"), download=download).prepare_data()
+    assert [p.name for p in shared.iterdir()] == ["cifar10-jpeg.tar.xz"]  # nothing extracted or created
+    # both suggested fixes work
+    assert ready(shared).class_counts["test"] == [2, 2]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / archive.name).symlink_to(archive)
+    assert torch.equal(ready(tmp_path / "data").test_x, ready(shared).test_x)
 
 
 def test_corrupt_png_is_named(image_folder):
@@ -288,16 +360,28 @@ def test_local_official_archive_is_checked_and_extracted(tmp_path, monkeypatch):
     assert tgz.read_bytes() == content
 
 
-def test_image_folder_archive_is_extracted(tmp_path):
+def test_image_folder_archive_is_extracted(tmp_path, caplog):
     write_image_folder(tmp_path / "src" / "cifar10-jpeg", per_class_train=10, per_class_test=3)
     data = tmp_path / "data"
     data.mkdir()
     with tarfile.open(data / "cifar10-jpeg.tar.xz", "w:xz") as tar:  # like the shared archive
         tar.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
-    dm = ready(data)
+    with caplog.at_level(logging.INFO):
+        dm = ready(data)
     assert (data / "cifar10-jpeg" / "train" / "bird").is_dir()
     assert [p.name for p in data.iterdir() if p.name.startswith(".extract")] == []
     assert torch.equal(dm.test_x, ready(tmp_path / "src").test_x)
+    logged = [r.getMessage() for r in caplog.records]
+    start = logged.index(f"extracting {data / 'cifar10-jpeg.tar.xz'} into {data} (once)...")
+    assert [m.split(" (")[0] for m in logged[start + 1:start + 4]] == [f"  extracting: {p}%" for p in (25, 50, 75)]
+    assert logged[start + 4].startswith("extracted cifar10-jpeg.tar.xz in ")
+    assert logged[start + 5] == (f"decoding 26 files of {data / 'cifar10-jpeg'} (once: the images are cached in "
+                                 f"{data / '.handgrad_cache'})...")
+    assert logged[start + 6].startswith("decoded 26 images in ")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert torch.equal(ready(data).test_x, dm.test_x)
+    assert not [r for r in caplog.records if "extract" in r.getMessage() or "decod" in r.getMessage()]  # once
 
 
 # ------------------------------------------------------------------ cache
@@ -324,17 +408,40 @@ def test_cache_is_used_invalidated_and_optional(image_folder, monkeypatch):
     ready(root)  # another format version never reads the v1 files
     assert len(list((root / ".handgrad_cache").glob("*-v2-*.pt"))) == 1
 
-    newest = max((root / ".handgrad_cache").glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
-    newest.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="unreadable cache"):
-        assert torch.equal(ready(root).train_x, first.train_x)
-
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
     monkeypatch.setattr(cifar_io.tempfile, "mkstemp", read_only)
     shutil.rmtree(root / ".handgrad_cache")
     with pytest.warns(UserWarning, match="continuing without it"):
         assert torch.equal(ready(root).train_x, first.train_x)
+
+
+@pytest.mark.parametrize("damage, notice", [
+    ("garbage", "is unreadable (UnpicklingError)"),
+    ("truncated", "is unreadable (RuntimeError)"),
+    ("other layout", f"is not in this version's format (v{cifar_io.CACHE_VERSION})"),
+])
+def test_unreadable_cache_is_one_notice_and_rebuilt(image_folder, caplog, capfd, damage, notice):
+    root, _ = image_folder
+    first = ready(root)
+    (cache,) = (root / ".handgrad_cache").glob("*.pt")
+    good = cache.read_bytes()
+    if damage == "other layout":
+        torch.save({"version": cifar_io.CACHE_VERSION, "train_x": torch.zeros(3)}, cache)
+    else:
+        cache.write_bytes(b"garbage" if damage == "garbage" else good[:len(good) // 2])
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as warned, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        assert torch.equal(ready(root).train_x, first.train_x)
+    notices = [r for r in caplog.records if "cache" in r.getMessage() and "decoding" not in r.getMessage()]
+    assert [r.getMessage() for r in notices] == [f"decoded-image cache {cache} {notice}; rebuilding it"]
+    assert [str(w.message) for w in warned if "cache" in str(w.message) or "weights_only" in str(w.message)] == []
+    out = capfd.readouterr()
+    assert "weights_only" not in caplog.text + out.out + out.err and "file an issue" not in caplog.text + out.err
+    assert cache.read_bytes()[:2] == b"PK"  # rewritten: a torch.save zip again
+    rebuilt, before = torch.load(cache, weights_only=True), torch.load(io.BytesIO(good), weights_only=True)
+    assert all(torch.equal(rebuilt[k], before[k]) for k in cifar_io.CACHE_KEYS)
 
 
 # ------------------------------------------------------------------ batches

@@ -9,6 +9,9 @@ Two source formats are read:
 Images come back in a canonical order that depends only on the *set* of chosen classes (official order for
 the pickle batches; class in CIFAR-10 label order, then file name, for folders), with CIFAR-10 label indices
 0..9. Remapping labels to the user's class order is the DataModule's job.
+
+Long one-time work (extracting an archive, decoding the images) is announced with log lines on rank 0
+(Lightning's logger, INFO), and so is a decoded-image cache that cannot be read and is rebuilt.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import time
 import urllib.error
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
@@ -43,6 +48,7 @@ CACHE_DIR = ".handgrad_cache"
 DOWNLOAD_TIMEOUT_S = 30  # seconds without an answer before the download counts as failed
 CACHE_VERSION = 1  # bump when the cached layout changes: old cache files are then ignored, not misread
 CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
+EXTRACT_PROGRESS_STEPS = 4  # log lines while extracting a folder archive: at 25%, 50%, 75% of its bytes
 
 
 class DataNotFoundError(RuntimeError):
@@ -57,6 +63,47 @@ def how_to_supply(data_dir: Path) -> str:
     return (f"Put the official {CIFAR10_TGZ} (or its extracted {PICKLE_DIR}/), or an image-folder tree "
             f"train/<class>/*.png|jpg and test/<class>/* (or a .tar.xz/.tar.gz of such a tree, like "
             f"cifar10-jpeg.tar.xz), into {data_dir}, or pass --data.data_dir PATH pointing at a folder that holds one.")
+
+
+def no_data(data_dir: Path) -> str:
+    """The start of a no-data message; says so when data_dir does not exist, so that a mistyped path is obvious."""
+    if data_dir.exists():
+        return f"No CIFAR-10 data found in {data_dir}"
+    return f"No CIFAR-10 data found in {data_dir.absolute()}: that folder does not exist (a typo in --data.data_dir?)"
+
+
+def check_folder(data_dir: Path) -> None:
+    """Raise DataNotFoundError when data_dir is a file (e.g. the archive itself) or lies under a file: it must be
+    a folder, or a path where a folder can be created."""
+    existing = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    if existing == data_dir:
+        raise DataNotFoundError(
+            f"data_dir {data_dir} is a file, not a folder. Pass the folder that holds it (--data.data_dir "
+            f"{data_dir.parent}; an archive in it is extracted there, once), or link it into a folder of your "
+            f"own: mkdir -p data && ln -s {data_dir.absolute()} data/ (then --data.data_dir data).")
+    raise DataNotFoundError(f"data_dir {data_dir} cannot be a folder: {existing} is a file. Pass a folder, "
+                            f"e.g. --data.data_dir {existing.parent}.")
+
+
+def missing_folders(data_dir: Path) -> list[Path]:
+    """data_dir and those of its parents that do not exist, deepest first: what `mkdir -p data_dir` would create."""
+    missing = []
+    for p in (data_dir, *data_dir.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """rmdir each folder, deepest first, stopping at the first that is gone or not empty: never removes a file."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 @dataclass(frozen=True)
@@ -91,8 +138,10 @@ def find_source(data_dir: Path) -> Source | None:
 def prepare(data_dir: Path, download: bool) -> Source:
     """Make data_dir hold a source: use what is there, else extract a local archive, else download (torchvision).
 
-    Nothing already on disk is overwritten: archives are extracted only into names that do not exist yet.
+    Nothing already on disk is overwritten: archives are extracted only into names that do not exist yet. A missing
+    data_dir is created only by a download that succeeds: a failed one leaves no folder behind.
     """
+    check_folder(data_dir)
     if (source := find_source(data_dir)) is not None:
         return source
     tgz = data_dir / CIFAR10_TGZ
@@ -101,6 +150,7 @@ def prepare(data_dir: Path, download: bool) -> Source:
             raise BadDataError(f"{tgz} fails its md5 check (expected {CIFAR10_TGZ_MD5}): the file is incomplete or "
                                f"corrupt. Replace it with a good copy, or move it away to download again.")
         try:
+            rank_zero_info(f"extracting {tgz} into {data_dir} (once)...")
             extract_archive(str(tgz), str(data_dir))
         except OSError as e:
             raise DataNotFoundError(f"Cannot extract {tgz} into {data_dir} ({e}). Extract it into a writable folder "
@@ -112,7 +162,8 @@ def prepare(data_dir: Path, download: bool) -> Source:
                 if (source := _extract_folder_archive(archive, data_dir)) is not None:
                     return source
     if not download:
-        raise DataNotFoundError(f"No CIFAR-10 data found in {data_dir} and download=False. " + how_to_supply(data_dir))
+        raise DataNotFoundError(f"{no_data(data_dir)} and download=False. " + how_to_supply(data_dir))
+    created = missing_folders(data_dir)  # torchvision creates them: removed again when the download fails
     existed, timeout = tgz.exists(), socket.getdefaulttimeout()
     try:
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network fails in seconds, not minutes
@@ -120,7 +171,9 @@ def prepare(data_dir: Path, download: bool) -> Source:
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         if not existed and tgz.exists():
             tgz.unlink()  # our own partial download, nothing of the user's
-        raise DataNotFoundError(f"Could not download CIFAR-10 from {CIFAR10_URL} ({type(e).__name__}: {e}). "
+        remove_empty_folders(created)
+        typo = f"The folder {data_dir.absolute()} did not exist (a typo in --data.data_dir?). " if created else ""
+        raise DataNotFoundError(f"Could not download CIFAR-10 from {CIFAR10_URL} ({type(e).__name__}: {e}). {typo}"
                                 f"Without network: " + how_to_supply(data_dir)) from None
     finally:
         socket.setdefaulttimeout(timeout)
@@ -132,12 +185,15 @@ def _extract_folder_archive(archive: Path, data_dir: Path) -> Source | None:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
     except OSError as e:
-        raise DataNotFoundError(f"Cannot extract {archive} into {data_dir} ({e}). Extract it into a writable folder "
-                                f"and pass --data.data_dir pointing there.") from e
+        raise DataNotFoundError(f"Cannot extract {archive} into {data_dir} ({e}). Link it into a writable folder "
+                                f"and pass that: mkdir -p data && ln -s {archive.absolute()} data/ (then "
+                                f"--data.data_dir data).") from e
     try:
         try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+            rank_zero_info(f"extracting {archive} into {data_dir} (once)...")
+            start = time.perf_counter()
+            with open(archive, "rb") as raw, tarfile.open(fileobj=raw) as tar:
+                tar.extractall(tmp, members=_members_with_progress(tar, raw, archive.stat().st_size), filter="data")
         except (tarfile.TarError, OSError, EOFError) as e:
             raise BadDataError(f"{archive} cannot be extracted ({e}); replace it with a good copy or remove it.") from e
         found = find_source(tmp)
@@ -149,9 +205,21 @@ def _extract_folder_archive(archive: Path, data_dir: Path) -> Source | None:
                                f"image-folder tree; fix or move {clash} away.")
         for e in entries:
             e.rename(data_dir / e.name)
+        rank_zero_info(f"extracted {archive.name} in {time.perf_counter() - start:.0f} s")
         return find_source(data_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _members_with_progress(tar: tarfile.TarFile, raw, size: int):
+    """The archive's members, in order, logging how far through the (compressed) file the reading is at every
+    1/EXTRACT_PROGRESS_STEPS of it: a long extraction shows that it is moving."""
+    step = 1
+    for n, member in enumerate(tar, start=1):
+        if step < EXTRACT_PROGRESS_STEPS and raw.tell() >= size * step / EXTRACT_PROGRESS_STEPS:
+            rank_zero_info(f"  extracting: {100 * step // EXTRACT_PROGRESS_STEPS}% ({n} files)")
+            step += 1
+        yield member
 
 
 # ----------------------------------------------------------------------------- listing and decoding
@@ -273,18 +341,30 @@ def load_uint8(data_dir: Path, source: Source, class_ids: list[int], workers: in
     files = list_files(source, class_ids)
     path = cache_path(data_dir, source, files, class_ids)
     if path.is_file():
-        try:
-            cached = torch.load(path, weights_only=True)
-        except Exception as e:
-            warnings.warn(f"ignoring unreadable cache {path} ({e}); decoding again")
-        else:
-            if is_current_cache(cached):
-                return {k: cached[k] for k in CACHE_KEYS}
-            warnings.warn(f"ignoring cache {path}: not written in this version's format (v{CACHE_VERSION}); "
-                          f"decoding again")
+        if (cached := load_cache(path)) is not None:
+            return cached
+    n_files = len(files["train"]) + len(files["test"])
+    rank_zero_info(f"decoding {n_files} files of {source.root} (once: the images are cached in {path.parent})...")
+    start = time.perf_counter()
     data = decode(source, files, class_ids, workers)
+    rank_zero_info(f"decoded {len(data['train_x']) + len(data['test_x'])} images in "
+                   f"{time.perf_counter() - start:.1f} s")
     save_cache(path, data)
     return data
+
+
+def load_cache(path: Path) -> dict | None:
+    """The cached {train_x, train_y, test_x, test_y}, or None (with a one-line notice) when the file cannot be
+    read or holds another layout: the caller then decodes again and overwrites it."""
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception as e:  # truncated, garbage, ...: torch's message is a page long, the type name is enough
+        rank_zero_info(f"decoded-image cache {path} is unreadable ({type(e).__name__}); rebuilding it")
+        return None
+    if not is_current_cache(cached):
+        rank_zero_info(f"decoded-image cache {path} is not in this version's format (v{CACHE_VERSION}); rebuilding it")
+        return None
+    return {k: cached[k] for k in CACHE_KEYS}
 
 
 def is_current_cache(cached) -> bool:

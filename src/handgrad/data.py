@@ -162,14 +162,15 @@ class CIFAR10DataModule(L.LightningDataModule):
     seeded stratified permutation, official test images as test; normalized once with train-split statistics.
 
     Args:
-        data_dir: folder with cifar-10-batches-py/, cifar-10-python.tar.gz, an image-folder tree
-            train/<class>/, test/<class>/ (here or one folder down), or a .tar.* of such a tree.
+        data_dir: folder (not an archive file) with cifar-10-batches-py/, cifar-10-python.tar.gz, an image-folder
+            tree train/<class>/, test/<class>/ (here or one folder down), or a .tar.* of such a tree.
         classes: CIFAR-10 class names, at least 2 (the default is the reference airplane-vs-bird task).
         val_fraction: fraction of each class's training images that goes to val, in (0, 1).
         split_seed: seed of the train/val split, and of the per-epoch shuffle.
         batch_size: samples per batch (per process under DDP).
         shuffle: reshuffle the training split every epoch (reproducible from split_seed and the epoch).
-        download: fetch the official archive with torchvision when data_dir holds no data.
+        download: fetch the official archive with torchvision when data_dir holds no data (creating data_dir if
+            needed; a failed download leaves no folder behind).
         num_workers: threads used to decode image files (0: decode in the main thread). Batches need no workers.
         pin_memory: pin the tensors in host memory when they stay on the CPU while CUDA is available.
 
@@ -223,10 +224,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         device, dtype = self._target()
         if self.train_x is not None and self.train_x.device == device and self.train_x.dtype == dtype:
             return
+        cifar_io.check_folder(self.data_dir)
         source = cifar_io.find_source(self.data_dir)
         if source is None:
-            raise DataNotFoundError(f"No CIFAR-10 data found in {self.data_dir}. prepare_data() (the Trainer calls "
-                                    f"it) extracts a local archive or downloads. " + cifar_io.how_to_supply(self.data_dir))
+            raise DataNotFoundError(f"{cifar_io.no_data(self.data_dir)}. prepare_data() (the Trainer calls it) extracts "
+                                    f"a local archive or downloads. " + cifar_io.how_to_supply(self.data_dir))
         class_ids = [CIFAR10_CLASSES.index(c) for c in self.class_names]
         raw = cifar_io.load_uint8(self.data_dir, source, class_ids, self.hparams.num_workers)
 
