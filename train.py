@@ -24,7 +24,6 @@ import csv
 import inspect
 import logging
 import sys
-import tempfile
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from handgrad.data import BadDataError, CIFAR10DataModule, DataNotFoundError
 from handgrad.distributed import AtomicCheckpointIO, CheckpointError
+from handgrad.outputs import OutputDirError, check_output_dirs
 from handgrad.module import (ARCHITECTURE, ConfigError, HandgradClassifier, NonFiniteLossError, SetupError,
                              check_architecture, list_or_value)
 
@@ -48,10 +48,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # ddp_spawn pickles the trainer; jsonargparse defines the class of a lazy default (LazyInstance_<Class>) in the
 # module that first asks for one: ask here, at import, so that a spawned process importing this file has them too.
 lazy_instance(TensorBoardLogger), lazy_instance(AtomicCheckpointIO)
-
-
-class OutputDirError(RuntimeError):
-    """The log or checkpoint folder cannot be written."""
 
 
 class HandgradCLI(LightningCLI):
@@ -228,33 +224,6 @@ def add_lr_monitor(trainer) -> None:
     LearningRateMonitor, when there is a logger to write to and the options did not add one already."""
     if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
         trainer.callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-
-
-def check_output_dirs(trainer) -> None:
-    """Refuse to start when a log or checkpoint folder cannot be written (read-only, or a file in the way), before
-    anything is trained or written: probe the nearest existing folder of each with a temporary file."""
-    dirs = {}  # folder -> the option that moves it
-    for logger in trainer.loggers:
-        dirs[getattr(logger, "log_dir", None) or logger.save_dir] = "--trainer.logger.init_args.save_dir DIR"
-    if not trainer.loggers:
-        dirs[trainer.default_root_dir] = "--trainer.default_root_dir DIR"
-    for cb in trainer.checkpoint_callbacks:
-        if cb.dirpath:
-            dirs[cb.dirpath] = "--checkpoint.dirpath DIR / --last_checkpoint.dirpath DIR"
-    for d, option in dirs.items():
-        if d is None or "://" in str(d):  # remote storage: nothing to probe here
-            continue
-        existing = Path(d).absolute()
-        while not existing.exists():
-            existing = existing.parent
-        try:
-            if not existing.is_dir():
-                raise NotADirectoryError(20, "Not a directory")
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as err:
-            raise OutputDirError(f"cannot write to {d} ({err.strerror}: {existing}); nothing was run. Make it "
-                                 f"writable, or write elsewhere: run from a writable folder or set {option}.") from None
 
 
 def check_config_files(args: list[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import importlib.util
 import os
 import signal
@@ -358,7 +359,7 @@ def test_read_only_log_directory(data_dir, tmp_path):
 
 # ------------------------------------------------------------------ a data cache written by another version
 
-def test_cache_of_another_version_is_rebuilt_not_misread(tmp_path, monkeypatch):
+def test_cache_of_another_version_is_rebuilt_not_misread(tmp_path, monkeypatch, caplog):
     """An older handgrad version cached the images in another layout (HWC): under another version number (another
     file name) the file is never read; under this version's file name it is recognized and rebuilt."""
     root = tmp_path / "data"
@@ -387,7 +388,8 @@ def test_cache_of_another_version_is_rebuilt_not_misread(tmp_path, monkeypatch):
     assert path != old_path and cifar_io.is_current_cache(torch.load(path, weights_only=True))
 
     torch.save(old_layout_cache(cifar_io.CACHE_VERSION - 1), path)  # this name, another version's content
-    with pytest.warns(UserWarning, match="not written in this version's format"):
+    with caplog.at_level(logging.INFO):
         data = cifar_io.load_uint8(root, source, class_ids)
+    assert f"decoded-image cache {path} is not in this version's format" in caplog.text
     assert torch.equal(data["train_x"], truth["train_x"]) and torch.equal(data["test_x"], truth["test_x"])
     assert cifar_io.is_current_cache(torch.load(path, weights_only=True))  # rebuilt

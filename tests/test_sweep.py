@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from handgrad import sweep
-from handgrad.grid import expand_grid, member_name
+from handgrad import outputs, sweep
+from handgrad.grid import GridClassifier, expand_grid, member_name
+from handgrad.module import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "grid.yaml"
+_spec = importlib.util.spec_from_file_location("train", REPO / "train.py")  # as tests/test_cli.py loads it
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
 REFERENCE = [(0.01, 0.0, 0.0), (0.01, 0.0, 0.01), (0.01, 0.9, 0.0), (0.01, 0.9, 0.01), (0.01, 0.9, 0.001), (0.01, 0.8, 0.01)]
 
 
@@ -28,6 +34,11 @@ def sweep_args(root, *extra, epochs=2):
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def selected_weights(log_dir) -> dict:
+    """The state dict of the sweep's selected.ckpt (HandgradClassifier keys mlp.fc.<l>.weight / .bias)."""
+    return torch.load(Path(log_dir) / "selected.ckpt", weights_only=True, map_location="cpu")["state_dict"]
 
 
 def scalars(run_dir: Path) -> dict:
@@ -82,6 +93,7 @@ def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_pa
         assert 0.0 <= float(rows[best]["test_acc"]) <= 1.0
         md = (log_dir / "results.md").read_text()
         assert md.count("\n") == 8 and "| yes |" in md
+        assert all(line.split(" | ")[5] == "false" for line in md.splitlines()[2:])  # the nesterov column
         # one TensorBoard run per member, with epoch curves and its final metrics for the HPARAMS tab
         for i, r in enumerate(rows):
             run = log_dir / member_name(i, expand_grid(members=[{
@@ -94,6 +106,14 @@ def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_pa
     b_rows, s_rows = read_csv(Path(batched["log_dir"]) / "results.csv"), read_csv(Path(sequential["log_dir"]) / "results.csv")
     assert float(b_rows[batched["best"]]["test_acc"]) == pytest.approx(float(s_rows[sequential["best"]]["test_acc"]), abs=1e-6)
     assert "selected: member" in out and "| member | lr |" in out
+    # the exported member: the batched grid's slice == the HandgradClassifier trained alone (float64 kept)
+    assert batched["best"] == sequential["best"]
+    b_w, s_w = selected_weights(batched["log_dir"]), selected_weights(sequential["log_dir"])
+    assert sorted(b_w) == sorted(s_w) == ["mlp.fc.1.bias", "mlp.fc.1.weight", "mlp.fc.2.bias", "mlp.fc.2.weight"]
+    for k in b_w:
+        assert b_w[k].dtype == torch.float64
+        torch.testing.assert_close(b_w[k], s_w[k], rtol=1e-9, atol=1e-12)
+    assert f"selected checkpoint: {batched['log_dir'] / 'selected.ckpt'}" in out
 
 
 def test_diverging_member_is_reported_failed_and_the_others_finish(image_folder, tmp_path, monkeypatch):
@@ -129,15 +149,119 @@ def test_members_split_over_two_devices_match_one_device(image_folder, tmp_path,
             assert a == pytest.approx(b, rel=1e-12)
     assert one["best"] == two["best"]
     assert one["rows"][one["best"]]["test_acc"] == pytest.approx(two["rows"][two["best"]]["test_acc"], abs=1e-12)
+    w_one, w_two = selected_weights(one["log_dir"]), selected_weights(two["log_dir"])
+    for k in w_one:
+        torch.testing.assert_close(w_one[k], w_two[k], rtol=1e-12, atol=1e-15)
 
 
 def test_bad_grid_is_explained(image_folder, tmp_path, monkeypatch):
     root, _ = image_folder
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ConfigError, match="exactly one"):
         sweep.main(sweep_args(root, "--model.grid", "{lr: [0.1]}"))
-    with pytest.raises(ValueError, match="momentun"):
+    with pytest.raises(ConfigError, match="momentun"):
         sweep.main(sweep_args(root, "--model.members", "[{lr: 0.1, momentun: 0.9}]"))
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+BAD_OPTIONS = [  # (options, what the one-line error must say)
+    (["--model.grid", "{lr: [0.01, 0.1]}"], "give exactly one of `grid` (lists, cartesian product) or `members`"),
+    (["--model.members", "null", "--model.grid", "{lr: [-0.1]}"],
+     "grid member 0: lr must be a finite number >= 0, got -0.1"),
+    (["--model.members", "[{lr: 0.1, momentum: abc}]"], "members[0]: momentum must be a finite number >= 0, got 'abc'"),
+    (["--model.members", "[]"], "`members` is empty: list at least one configuration"),
+    (["--model.members", "null", "--model.grid", "{lr: [0.1], foo: [1]}"], "grid: unknown key(s) ['foo']"),
+    (["--data.batch_size", "0"], "--data.batch_size must be >= 1"),
+    (["--model.sizes", "[100, 2]"], "sizes[0] = 100 does not match the data: 3x32x32 = 3072 values per image; "
+                                    "set --model.sizes '[3072, 2]'"),
+    (["--model.sizes", "[3072, 16, 3]"],
+     "the data has 2 classes ['airplane', 'bird']; set --model.sizes '[3072, 16, 2]'"),
+    (["--trainer.precision", "bf16-mixed"], "--trainer.precision bf16-mixed is not supported"),
+    (["--sequential", "--model.init_seed", "null"], "--sequential needs --model.init_seed"),
+]
+
+
+def assert_one_line_error(capsys, call, message: str) -> None:
+    """``call()`` exits with code 2 and stderr ends in one line ``error: ...`` containing ``message``, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("error: ") and message in last, err
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_options_are_one_line_errors_and_nothing_is_written(options, message, image_folder, tmp_path,
+                                                                  monkeypatch, capsys):
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(capsys, lambda: train.main(["sweep", *sweep_args(root, *options)]), message)
+    assert not (tmp_path / "lightning_logs").exists()  # no sweep/version_N, no config.yaml
+
+
+def test_unwritable_log_folder_is_a_one_line_error(image_folder, tmp_path, monkeypatch, capsys):
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the log folder should go")
+    args = sweep_args(root, "--trainer.logger.init_args.save_dir", "blocker/logs")
+    assert_one_line_error(capsys, lambda: train.main(["sweep", *args]),
+                          f"cannot write to blocker/logs/sweep/version_0 (Not a directory: {blocker})")
+    assert blocker.read_text() == "a file where the log folder should go"
+    # a read-only folder (probed by creating a temporary file there; as root chmod would not refuse it)
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(outputs.tempfile, "TemporaryFile", refuse)
+    assert_one_line_error(capsys, lambda: train.main(["sweep", *sweep_args(root)]),
+                          f"cannot write to lightning_logs/sweep/version_0 (Permission denied: "
+                          f"{tmp_path})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "cifar"]
+
+
+def test_results_table_shows_booleans_as_the_config_writes_them():
+    members = [{"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "dampening": 0.0, "nesterov": True},
+               {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.001, "dampening": 0.5, "nesterov": False}]
+    history = {"train_loss": [[0.5, 0.25]], "train_acc": [[0.75, 0.5]], "val_loss": [[0.125, 2.0]],
+               "val_acc": [[0.875, 0.5]]}
+    rows = sweep.results_table(members, history, failed_epoch=[-1, -1], best=0, test={"test_acc": 0.8125})
+    assert sweep.markdown(rows).splitlines()[2:] == [
+        "| 0 | 0.01 | 0.9 | 0 | 0 | true | ok | 0.5000 | 0.7500 | 0.1250 | 0.8750 | 0.8125 | yes |",
+        "| 1 | 0.1 | 0 | 0.001 | 0.5 | false | ok | 0.2500 | 0.5000 | 2.0000 | 0.5000 |  |  |",
+    ]
+
+
+def test_selected_checkpoint_is_tested_again_by_train_py(image_folder, tmp_path, monkeypatch, capsys):
+    """selected.ckpt holds the selected member's weights as a HandgradClassifier; `train.py test` on it gives the
+    sweep's test accuracy."""
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    result = sweep.main(sweep_args(root))
+    out = capsys.readouterr().out
+    log_dir, best = Path(result["log_dir"]), result["best"]
+    ckpt = log_dir / "selected.ckpt"
+    assert result["selected_ckpt"] == ckpt and f"selected checkpoint: {ckpt}" in out
+
+    # the reference: member `best` of the grid's own last checkpoint, written by Lightning during the sweep
+    [grid_ckpt] = (log_dir / "checkpoints").glob("epoch=1-*.ckpt")
+    grid = GridClassifier(members=[{"lr": lr, "momentum": m, "weight_decay": wd} for lr, m, wd in REFERENCE],
+                          sizes=[3072, 16, 2])
+    grid.load_state_dict(torch.load(grid_ckpt, weights_only=True, map_location="cpu")["state_dict"])
+    reference = grid.net.member(best).state_dict()
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert sorted(saved["state_dict"]) == sorted(f"mlp.{k}" for k in reference)
+    for k, v in reference.items():
+        assert torch.equal(saved["state_dict"][f"mlp.{k}"], v), k
+    lr, momentum, weight_decay = REFERENCE[best]
+    assert {k: saved["hyper_parameters"][k] for k in ("sizes", "lr", "momentum", "weight_decay", "nesterov")} == {
+        "sizes": [3072, 16, 2], "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": False}
+
+    cli = train.main(["test", "--config", str(REPO / "configs" / "airplane_bird.yaml"), "--data.data_dir", str(root),
+                      "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"])
+    assert list(cli.model.hparams.sizes) == [3072, 16, 2] and cli.model.hparams.momentum == momentum
+    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(result["rows"][best]["test_acc"], abs=1e-6)
 
 
 @pytest.mark.skipif(not os.environ.get("HANDGRAD_SLOW"), reason="30 epochs x 6 members on real CIFAR-10 "

@@ -11,9 +11,15 @@ Steps: train every member (batched: one :class:`handgrad.grid.GridClassifier` ho
 ``--sequential``: one :class:`handgrad.module.HandgradClassifier` per member, for comparison), select
 the best member by final val accuracy (ties: lower val loss, then lower index; failed members are
 never selected), evaluate only that member on the test set, once, and write ``results.csv`` and
-``results.md`` into the sweep's log directory (printed too). Every member is also its own TensorBoard
+``results.md`` into the sweep's log directory (printed too), and the selected member's weights as a
+standalone :class:`handgrad.module.HandgradClassifier` checkpoint, ``selected.ckpt`` (``python train.py test
+--ckpt_path <log dir>/selected.ckpt ...`` evaluates it again). Every member is also its own TensorBoard
 run, ``<log dir>/member_KK_lr.._m.._wd../``, with its epoch curves and its hyperparameters against its
 final metrics (``hp/*``), so TensorBoard's HPARAMS tab compares them.
+
+Bad options (members, grid, sizes, batch size, precision, an unwritable log folder) are refused as
+:class:`handgrad.module.ConfigError` / ``SetupError`` before anything is written; ``train.py sweep`` and
+``python -m handgrad.sweep`` print them as one line ``error: ...`` and exit with code 2.
 
 Several devices (``--trainer.devices N`` with N > 1): the members are split into N contiguous chunks
 and each chunk is trained as one batched model in its own process on its own device (one worker
@@ -25,29 +31,35 @@ them, selects, and tests the selected member on one device. With ``--sequential`
 from __future__ import annotations
 
 import csv
-from argparse import RawDescriptionHelpFormatter
 import json
 import math
 import os
 import subprocess
 import sys
 import warnings
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
 from jsonargparse import ActionYesNo, lazy_instance
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from handgrad.data import CIFAR10DataModule
-from handgrad.grid import HPARAMS, METRICS, GridClassifier, member_name, select_best
+from handgrad.data import BadDataError, CIFAR10DataModule, DataNotFoundError
+from handgrad.grid import HPARAMS, METRICS, SUPPORTED_PRECISIONS, GridClassifier, member_name, select_best
+from handgrad.mlp import MLP
+from handgrad.module import ConfigError, HandgradClassifier, SetupError
+from handgrad.outputs import OutputDirError, check_output_dirs
 
 WORKER_ENV = "HANDGRAD_SWEEP_WORKER"  # internal: set for the per-device worker processes
 COLUMNS = ("member", "lr", "momentum", "weight_decay", "dampening", "nesterov", "status",
            "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "selected")
+SELECTED_CKPT = "selected.ckpt"  # the selected member as a HandgradClassifier checkpoint, in the log directory
 
 
 class SweepCLI(LightningCLI):
@@ -68,6 +80,59 @@ class SweepCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--sequential", action=ActionYesNo, default=False,
                             help="train the members one by one (HandgradClassifier each), to compare with the batched run")
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a constructor that refuses an option value (a member's lr < 0, an empty
+        or unknown grid key, batch_size 0, ...) becomes a :class:`ConfigError` with the constructor's message."""
+        try:
+            super().instantiate_classes()
+        except (DataNotFoundError, BadDataError, ConfigError, SetupError):
+            raise
+        except (ValueError, MisconfigurationException) as err:
+            raise ConfigError(str(err)) from err
+
+
+# ----------------------------------------------------------------------------- checks before anything is written
+
+
+def check_options(cli: SweepCLI) -> None:
+    """Refuse option combinations the sweep cannot run, as :class:`ConfigError` naming the flag to change."""
+    trainer, hp = cli.trainer, cli.model.hparams
+    if cli.config.sequential and hp.init_seed is None:
+        raise ConfigError("--sequential needs --model.init_seed (an int): every member must start from the same "
+                          "weights; e.g. --model.init_seed 265")
+    if trainer.num_nodes > 1:
+        raise ConfigError("the sweep runs on one machine: use --trainer.num_nodes 1 (members are split over "
+                          "--trainer.devices of this machine)")
+
+
+def check_setup(cli: SweepCLI) -> None:
+    """What :meth:`GridClassifier.setup` and the first batch would refuse, checked before anything is written:
+    the precision, the network's input size and number of outputs against the data, the strategy, the compile
+    mode. Raises :class:`SetupError` saying which option fixes it."""
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if trainer.precision not in SUPPORTED_PRECISIONS:
+        raise SetupError(f"--trainer.precision {trainer.precision} is not supported: the hand-written backward and "
+                         f"SGD step run in one dtype. Use one of {SUPPORTED_PRECISIONS}.")
+    dims = getattr(data, "dims", None)
+    if dims is not None and math.prod(dims) != model.sizes[0]:
+        sizes = [math.prod(dims), *model.sizes[1:]]
+        raise SetupError(f"the network's input size sizes[0] = {model.sizes[0]} does not match the data: "
+                         f"{'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
+                         f"set --model.sizes '{sizes}'")
+    names = getattr(data, "class_names", None)
+    if names is not None and len(names) != model.sizes[-1]:
+        sizes = [*model.sizes[:-1], len(names)]
+        raise SetupError(f"the network has {model.sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} "
+                         f"classes {list(names)}; set --model.sizes '{sizes}' (or change --data.classes)")
+    batched_here = trainer.num_devices == 1 and not cli.config.sequential
+    if batched_here and not isinstance(trainer.strategy, SingleDeviceStrategy):
+        raise SetupError(f"the batched sweep trains on one device, not with strategy "
+                         f"{type(trainer.strategy).__name__}: "
+                         f"leave out --trainer.strategy (several devices: --trainer.devices N splits the members)")
+    if model.hparams.compile == "cuda_graph" and trainer.strategy.root_device.type != "cuda":
+        raise SetupError("--model.compile cuda_graph records the training step as a CUDA graph and needs a CUDA "
+                         "device (--trainer.accelerator gpu); on a CPU use --model.compile inductor or null")
 
 
 # ----------------------------------------------------------------------------- training
@@ -130,16 +195,15 @@ def run_batched(cli: SweepCLI, runs: list) -> dict:
         trainer.test(model, datamodule=cli.datamodule, verbose=False)
         return model.test_result
 
-    return {"history": model.history, "failed_epoch": model.failed_epoch.tolist(), "test": test}
+    return {"history": model.history, "failed_epoch": model.failed_epoch.tolist(), "test": test,
+            "member": model.net.member, "global_step": trainer.global_step}
 
 
 def run_sequential(cli: SweepCLI, runs: list) -> dict:
     """One HandgradClassifier per member, each with the grid's initial weights, its own trainer and run."""
-    from handgrad.module import HandgradClassifier, NonFiniteLossError
+    from handgrad.module import NonFiniteLossError
 
-    hp = cli.model.hparams
-    if hp.init_seed is None:
-        raise ValueError("--sequential needs --model.init_seed (an int): every member must start from the same weights")
+    hp = cli.model.hparams  # init_seed is an int: check_options
     per_member, failed, fitted = [], [], []
     for k, m in enumerate(cli.model.members):
         torch.manual_seed(hp.init_seed)  # the grid's initial weights: MLP(sizes) right after this seed
@@ -167,7 +231,9 @@ def run_sequential(cli: SweepCLI, runs: list) -> dict:
         metrics = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
         return {"test_loss": metrics.get("test/loss", math.nan), "test_acc": metrics.get("test/acc", math.nan)}
 
-    return {"history": history, "failed_epoch": failed, "test": test}
+    steps = [trainer.global_step for (_, trainer), f in zip(fitted, failed) if f < 0]
+    return {"history": history, "failed_epoch": failed, "test": test,
+            "member": lambda best: fitted[best][0].mlp, "global_step": max(steps, default=0)}
 
 
 def chunks(n: int, parts: int) -> list[list[int]]:
@@ -208,7 +274,8 @@ def run_split(cli: SweepCLI, args: list[str], log_dir: Path) -> dict:
                for name in METRICS}
     failed = sum((w["failed_epoch"] for w in parts_out), [])
 
-    def test(best: int) -> dict:
+    def member_model(best: int) -> GridClassifier:
+        """Member ``best`` alone, as a one-member GridClassifier with the weights its worker trained."""
         i = next(i for i, (_, _, idx) in enumerate(procs) if best in idx)
         local = procs[i][2].index(best)
         hp = cli.model.hparams
@@ -217,12 +284,18 @@ def run_split(cli: SweepCLI, args: list[str], log_dir: Path) -> dict:
         state = {k: v[local:local + 1] for k, v in parts_out[i]["state_dict"].items()}
         model.net.to(state["net.fc.1.weight"].dtype)  # load float64 weights as float64, not rounded through float32
         model.load_state_dict(state)
+        return model
+
+    def test(best: int) -> dict:
+        model = member_model(best)
         model.test_member = 0
         tester = cli.instantiate_trainer(devices=1, strategy="auto", logger=False, default_root_dir=str(log_dir))
         tester.test(model, datamodule=cli.datamodule, verbose=False)
         return model.test_result
 
-    return {"history": history, "failed_epoch": failed, "test": test}
+    return {"history": history, "failed_epoch": failed, "test": test,
+            "member": lambda best: member_model(best).net.member(0),
+            "global_step": max(w["global_step"] for w in parts_out)}
 
 
 def run_worker(cli: SweepCLI, spec: dict) -> None:
@@ -235,8 +308,8 @@ def run_worker(cli: SweepCLI, spec: dict) -> None:
     for run in runs:
         run.finalize("success")
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    torch.save({"history": model.history, "failed_epoch": model.failed_epoch.tolist(), "state_dict": state},
-               spec["out"])
+    torch.save({"history": model.history, "failed_epoch": model.failed_epoch.tolist(), "state_dict": state,
+                "global_step": cli.trainer.global_step}, spec["out"])
 
 
 # ----------------------------------------------------------------------------- results
@@ -263,20 +336,25 @@ def results_table(members: list[dict], history: dict, failed_epoch: list[int], b
     return rows
 
 
-def _fmt(value) -> str:
-    if isinstance(value, bool):
+def _fmt(column: str, value) -> str:
+    """One table cell: the hyperparameters as a config writes them (``0.01``, ``false``), metrics with 4 decimals
+    (blank where missing), and the ``selected`` column as a marker: ``yes`` on the selected row, blank elsewhere."""
+    if column == "selected":
         return "yes" if value else ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if column in ("lr", "momentum", "weight_decay", "dampening"):
+        return f"{value:g}"
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
     return str(value)
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table in Markdown, with the hyperparameters shown as given (``g`` format)."""
+    """The table in Markdown (cells: :func:`_fmt`)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [f"{r[c]:g}" if c in ("lr", "momentum", "weight_decay", "dampening") else _fmt(r[c]) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_fmt(c, r[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -305,11 +383,63 @@ def log_member_hparams(runs: list, rows: list[dict], extra: dict) -> None:
         run.finalize("success")
 
 
+# ----------------------------------------------------------------------------- the selected member's checkpoint
+
+
+def selected_checkpoint(mlp: MLP, member: dict, activation: str, epoch: int, global_step: int,
+                        data_hparams: dict, sweep_info: dict) -> dict:
+    """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
+    :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
+    so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
+    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory)."""
+    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
+        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS})
+    model.to(mlp.fc["1"].weight.dtype)
+    model.mlp.load_state_dict(mlp.state_dict())
+    return {
+        "epoch": epoch,
+        "global_step": global_step,
+        "pytorch-lightning_version": L.__version__,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "hparams_name": "kwargs",
+        "hyper_parameters": dict(model.hparams),
+        "datamodule_hparams_name": "kwargs",
+        "datamodule_hyper_parameters": {k: v for k, v in data_hparams.items() if k != "_instantiator"},
+        "handgrad_sweep": sweep_info,
+    }
+
+
+def save_selected(log_dir: Path, checkpoint: dict) -> Path:
+    """Write the checkpoint to ``log_dir/selected.ckpt`` atomically (as the training checkpoints are written)."""
+    from handgrad.distributed import AtomicCheckpointIO
+
+    path = log_dir / SELECTED_CKPT
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    return path
+
+
+def retest_command(ckpt: Path, data_hparams: dict, precision: str) -> str:
+    """The ``train.py test`` line that evaluates ``ckpt`` on the sweep's test data again: the data options that
+    fix the test images and their normalisation (the training split's statistics), and the precision."""
+    words = ["python train.py test --ckpt_path", str(ckpt)]
+    if "data_dir" in data_hparams:
+        words += ["--data.data_dir", str(data_hparams["data_dir"])]
+    if "classes" in data_hparams:
+        words += ["--data.classes", "'[" + ", ".join(map(str, data_hparams["classes"])) + "]'"]
+    for key in ("val_fraction", "split_seed"):
+        if key in data_hparams:
+            words += [f"--data.{key}", str(data_hparams[key])]
+    if precision != "32-true":
+        words += ["--trainer.precision", precision]
+    return " ".join(words)
+
+
 # ----------------------------------------------------------------------------- the command
 
 
 def main(args: Optional[list[str]] = None, datamodule_class=CIFAR10DataModule) -> dict:
-    """Run the sweep; returns {"rows", "best", "log_dir", "history"} (also written to the log directory)."""
+    """Run the sweep; returns {"rows", "best", "log_dir", "history", "mode", "selected_ckpt"} (also written to the
+    log directory). Bad options raise :class:`ConfigError` or :class:`SetupError` before anything is written."""
     args = sys.argv[1:] if args is None else list(args)
     cli = SweepCLI(args=args, datamodule_class=datamodule_class)
     worker = os.environ.get(WORKER_ENV)
@@ -317,6 +447,9 @@ def main(args: Optional[list[str]] = None, datamodule_class=CIFAR10DataModule) -
         run_worker(cli, json.loads(worker))
         return {}
     trainer, members = cli.trainer, cli.model.members
+    check_options(cli)
+    check_setup(cli)
+    check_output_dirs(trainer)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     runs = member_runs(log_dir, members, list(range(len(members))))
     mode = "sequential" if cli.config.sequential else "batched"
@@ -325,9 +458,6 @@ def main(args: Optional[list[str]] = None, datamodule_class=CIFAR10DataModule) -
         cli.parser.save(cli.config, log_dir / "config.yaml", skip_none=False, overwrite=True)
     if cli.config.sequential:
         outcome = run_sequential(cli, runs)
-    elif trainer.num_nodes > 1:
-        raise ValueError("the sweep runs on one machine: use --trainer.num_nodes 1 (members are split over "
-                         "--trainer.devices of this machine)")
     elif trainer.num_devices > 1:
         outcome = run_split(cli, args, log_dir)
         mode = f"batched, split over {trainer.num_devices} devices"
@@ -342,17 +472,35 @@ def main(args: Optional[list[str]] = None, datamodule_class=CIFAR10DataModule) -
     test = outcome["test"](best)
     rows = results_table(members, history, failed, best, test)
     csv_path, md_path = write_results(log_dir, rows)
-    data_hp = getattr(cli.datamodule, "hparams", {})
+    data_hp = dict(getattr(cli.datamodule, "hparams", {}))
+    b = rows[best]
+    sweep_info = {"member": best, **{h: members[best][h] for h in HPARAMS}, "val_acc": b["val_acc"],
+                  "test_acc": b["test_acc"], "log_dir": str(log_dir)}
+    ckpt = save_selected(log_dir, selected_checkpoint(
+        outcome["member"](best), members[best], cli.model.hparams.activation, epoch=len(history["train_loss"]),
+        global_step=outcome["global_step"], data_hparams=data_hp, sweep_info=sweep_info))
     log_member_hparams(runs, rows, {"batch_size": data_hp.get("batch_size", 0), "max_epochs": trainer.max_epochs or 0,
                                     "mode": mode})
-    b = rows[best]
     print(f"\nGrid of {len(members)} members, {len(history['train_loss'])} epochs ({mode}):\n")
     print(markdown(rows))
     print(f"\nselected: member {best} (lr {b['lr']:g}, momentum {b['momentum']:g}, weight decay {b['weight_decay']:g})"
           f": val acc {b['val_acc']:.4f}, test acc {b['test_acc']:.4f}")
+    print(f"selected checkpoint: {ckpt}\n  test it again: {retest_command(ckpt, data_hp, str(trainer.precision))}")
     print(f"results: {csv_path}, {md_path}\nTensorBoard: tensorboard --logdir {log_dir}")
-    return {"rows": rows, "best": best, "log_dir": log_dir, "history": history, "mode": mode}
+    return {"rows": rows, "best": best, "log_dir": log_dir, "history": history, "mode": mode, "selected_ckpt": ckpt}
+
+
+def run_as_script() -> None:
+    """``python -m handgrad.sweep``: :func:`main`, with a user error (bad option, missing data) printed as one line
+    ``error: ...`` and exit code 2, as ``train.py sweep`` does."""
+    from handgrad.distributed import CheckpointError
+
+    try:
+        main()
+    except (ConfigError, SetupError, DataNotFoundError, BadDataError, CheckpointError, OutputDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script()
