@@ -32,17 +32,34 @@ def sync(device: torch.device) -> None:
 
 def train_plain(train_x, train_y, *, sizes, lr, momentum, dampening=0.0, weight_decay=0.0, nesterov=False,
                 epochs, batch_size, seed, val=None) -> dict:
-    """Train one member; returns {"epoch_s": [seconds per epoch], "epoch_cpu_s": [CPU seconds of this process per
-    epoch], "train_loss": last epoch's mean loss, "model"}.
-
-    Each epoch is timed from a device synchronisation to the next (the work queued in it is finished). With
-    ``val=(val_x, val_y)`` every epoch ends with a pass over the validation set (its loss and correct count are
-    summed on the device), as a Trainer's validation would."""
-    device = train_x.device
+    """Train one member with autograd + torch.optim.SGD; returns what :func:`timed_epochs` returns and "model"."""
     torch.manual_seed(seed)
-    model = reference_mlp(sizes).to(device=device, dtype=train_x.dtype)
+    model = reference_mlp(sizes).to(device=train_x.device, dtype=train_x.dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
                           weight_decay=weight_decay, nesterov=nesterov)
+
+    def step(xb, yb):
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    summed_loss = lambda out, y: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    return {**timed_epochs(step, model, summed_loss, train_x, train_y, epochs=epochs, batch_size=batch_size,
+                           val=val), "model": model}
+
+
+def timed_epochs(step, model, summed_loss, train_x, train_y, *, epochs, batch_size, val=None) -> dict:
+    """``epochs`` passes of ``step(xb, yb) -> loss`` over slices of the device-resident tensors; returns
+    {"epoch_s": [seconds per epoch], "epoch_cpu_s": [CPU seconds of this process per epoch], "train_loss": last
+    epoch's mean loss}.
+
+    Each epoch is timed from a device synchronisation to the next (the work queued in it is finished); the loss is
+    summed on the device and read once at the end. With ``val=(val_x, val_y)`` every epoch ends with a pass of
+    ``model`` over the validation set (``summed_loss(out, y)`` and the correct count summed on the device), as a
+    Trainer's validation would."""
+    device = train_x.device
     n = train_x.shape[0]
     epoch_s, epoch_cpu_s = [], []
     loss_sum = torch.zeros((), device=device, dtype=train_x.dtype)
@@ -54,18 +71,14 @@ def train_plain(train_x, train_y, *, sizes, lr, momentum, dampening=0.0, weight_
         loss_sum.zero_()
         for i in range(0, n, batch_size):
             xb, yb = train_x[i:i + batch_size], train_y[i:i + batch_size]
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * xb.shape[0]
+            loss_sum += step(xb, yb) * xb.shape[0]
         if val is not None:
             with torch.no_grad():
                 for i in range(0, val[0].shape[0], batch_size):
                     out = model(val[0][i:i + batch_size])
-                    val_loss_sum += F.cross_entropy(out, val[1][i:i + batch_size], reduction="sum")
+                    val_loss_sum += summed_loss(out, val[1][i:i + batch_size])
                     val_correct += (out.argmax(1) == val[1][i:i + batch_size]).sum()
         sync(device)
         epoch_s.append(time.perf_counter() - t0)
         epoch_cpu_s.append(time.process_time() - c0)
-    return {"epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s, "train_loss": (loss_sum / n).item(), "model": model}
+    return {"epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s, "train_loss": (loss_sum / n).item()}

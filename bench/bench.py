@@ -54,7 +54,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from baseline import sync, train_plain  # noqa: E402
+from baseline import sync, timed_epochs, train_plain  # noqa: E402
 from handgrad import losses  # noqa: E402
 from handgrad.backprop import backward  # noqa: E402
 from handgrad.data import CIFAR10DataModule, TensorBatches  # noqa: E402
@@ -192,36 +192,21 @@ def val_accuracy(logits: torch.Tensor, y: torch.Tensor) -> list[float]:
 def train_raw(train_x, train_y, *, sizes, lr, momentum, dampening=0.0, weight_decay=0.0, nesterov=False,
               epochs, batch_size, seed, val=None) -> dict:
     """bench/baseline.py's train_plain with handgrad's hand-written step in place of autograd + torch.optim.SGD."""
-    device = train_x.device
     torch.manual_seed(seed)
-    model = MLP(sizes).to(device=device, dtype=train_x.dtype)
+    model = MLP(sizes).to(device=train_x.device, dtype=train_x.dtype)
     opt = SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
               nesterov=nesterov)
-    n = train_x.shape[0]
-    epoch_s, epoch_cpu_s = [], []
-    loss_sum = torch.zeros((), device=device, dtype=train_x.dtype)
-    val_loss_sum = torch.zeros((), device=device, dtype=train_x.dtype)
-    val_correct = torch.zeros((), device=device, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(epochs):
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss_sum.zero_()
-            for i in range(0, n, batch_size):
-                xb, yb = train_x[i:i + batch_size], train_y[i:i + batch_size]
-                loss, grad_out = losses.cross_entropy(model(xb), yb)
-                backward(model, grad_out)
-                opt.step()
-                loss_sum += loss * xb.shape[0]
-            if val is not None:
-                for i in range(0, val[0].shape[0], batch_size):
-                    out = model(val[0][i:i + batch_size])
-                    val_loss_sum += losses.cross_entropy(out, val[1][i:i + batch_size], "sum")[0]
-                    val_correct += (out.argmax(1) == val[1][i:i + batch_size]).sum()
-            sync(device)
-            epoch_s.append(time.perf_counter() - t0)
-            epoch_cpu_s.append(time.process_time() - c0)
-    return {"epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s, "train_loss": (loss_sum / n).item(), "model": model}
+
+    @torch.no_grad()
+    def step(xb, yb):
+        loss, grad_out = losses.cross_entropy(model(xb), yb)
+        backward(model, grad_out)
+        opt.step()
+        return loss
+
+    summed_loss = lambda out, y: losses.cross_entropy(out, y, "sum")[0]  # noqa: E731
+    return {**timed_epochs(step, model, summed_loss, train_x, train_y, epochs=epochs, batch_size=batch_size,
+                           val=val), "model": model}
 
 
 def run_plain(args, data, members, device, part: str = "plain") -> list[dict]:
