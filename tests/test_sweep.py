@@ -172,8 +172,8 @@ BAD_OPTIONS = [  # (options, what the one-line error must say)
     (["--model.members", "[]"], "`members` is empty: list at least one configuration"),
     (["--model.members", "null", "--model.grid", "{lr: [0.1], foo: [1]}"], "grid: unknown key(s) ['foo']"),
     (["--data.batch_size", "0"], "--data.batch_size must be >= 1"),
-    (["--model.sizes", "[100, 2]"], "sizes[0] = 100 does not match the data: 3x32x32 = 3072 values per image; "
-                                    "set --model.sizes '[3072, 2]'"),
+    (["--model.sizes", "[100, 2]"], "sizes[0] = 100 does not match the data: CIFAR10DataModule gives 3x32x32 = "
+                                    "3072 values per image; set --model.sizes '[3072, 2]'"),
     (["--model.sizes", "[3072, 16, 3]"],
      "the data has 2 classes ['airplane', 'bird']; set --model.sizes '[3072, 16, 2]'"),
     (["--trainer.precision", "bf16-mixed"], "--trainer.precision bf16-mixed is not supported"),

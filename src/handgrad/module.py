@@ -179,23 +179,8 @@ class HandgradClassifier(L.LightningModule):
             self.class_names = [str(n) for n in names]
 
     def check_data(self, datamodule) -> None:
-        """Raise :class:`SetupError` with the fitting --model.sizes when the data's input size (``dims``, e.g.
-        (3, 32, 32)) or number of classes (``class_names``) differ from the model's n_0 or n_L."""
-        dims = getattr(datamodule, "dims", None)
-        if dims is not None and math.prod(dims) != self.mlp.n_l[0]:
-            sizes = [math.prod(dims), *self.mlp.n_l[1:]]
-            raise SetupError(
-                f"the model's input size sizes[0] = {self.mlp.n_l[0]} does not match the data: "
-                f"{type(datamodule).__name__} gives {'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
-                f"set --model.sizes '{sizes}'"
-            )
-        names = getattr(datamodule, "class_names", None)
-        if names is not None and len(names) != self.num_classes:
-            sizes = [*self.mlp.n_l[:-1], len(names)]
-            raise SetupError(
-                f"the model has {self.num_classes} outputs (sizes[-1]) but the data has {len(names)} classes "
-                f"{list(names)}; set --model.sizes '{sizes}' (or change --data.classes)"
-            )
+        """:func:`check_sizes_fit_data` for this model's sizes."""
+        check_sizes_fit_data(self.mlp.n_l, datamodule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)
@@ -512,6 +497,26 @@ def check_hyperparameters(*, sizes, activation, loss, lr, momentum, dampening, w
                                                 or nan_check_every_n_steps < 1):
         raise ConfigError(f"--model.nan_check_every_n_steps must be >= 1 or null (automatic), "
                           f"got {nan_check_every_n_steps!r}")
+
+
+def check_sizes_fit_data(sizes: Sequence[int], datamodule) -> None:
+    """Raise :class:`SetupError` with the fitting --model.sizes when the data's input size (``dims``, e.g.
+    (3, 32, 32)) or number of classes (``class_names``) differ from the network's n_0 or n_L."""
+    dims = getattr(datamodule, "dims", None)
+    if dims is not None and math.prod(dims) != sizes[0]:
+        fit = [math.prod(dims), *sizes[1:]]
+        raise SetupError(
+            f"the model's input size sizes[0] = {sizes[0]} does not match the data: "
+            f"{type(datamodule).__name__} gives {'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
+            f"set --model.sizes '{fit}'"
+        )
+    names = getattr(datamodule, "class_names", None)
+    if names is not None and len(names) != sizes[-1]:
+        fit = [*sizes[:-1], len(names)]
+        raise SetupError(
+            f"the model has {sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} classes "
+            f"{list(names)}; set --model.sizes '{fit}' (or change --data.classes)"
+        )
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

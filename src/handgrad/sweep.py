@@ -53,7 +53,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from handgrad.data import BadDataError, CIFAR10DataModule, DataNotFoundError
 from handgrad.grid import HPARAMS, METRICS, SUPPORTED_PRECISIONS, GridClassifier, member_name, select_best
 from handgrad.mlp import MLP
-from handgrad.module import ConfigError, HandgradClassifier, SetupError
+from handgrad.module import ConfigError, HandgradClassifier, SetupError, check_sizes_fit_data
 from handgrad.outputs import OutputDirError, check_output_dirs
 
 WORKER_ENV = "HANDGRAD_SWEEP_WORKER"  # internal: set for the per-device worker processes
@@ -114,17 +114,7 @@ def check_setup(cli: SweepCLI) -> None:
     if trainer.precision not in SUPPORTED_PRECISIONS:
         raise SetupError(f"--trainer.precision {trainer.precision} is not supported: the hand-written backward and "
                          f"SGD step run in one dtype. Use one of {SUPPORTED_PRECISIONS}.")
-    dims = getattr(data, "dims", None)
-    if dims is not None and math.prod(dims) != model.sizes[0]:
-        sizes = [math.prod(dims), *model.sizes[1:]]
-        raise SetupError(f"the network's input size sizes[0] = {model.sizes[0]} does not match the data: "
-                         f"{'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
-                         f"set --model.sizes '{sizes}'")
-    names = getattr(data, "class_names", None)
-    if names is not None and len(names) != model.sizes[-1]:
-        sizes = [*model.sizes[:-1], len(names)]
-        raise SetupError(f"the network has {model.sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} "
-                         f"classes {list(names)}; set --model.sizes '{sizes}' (or change --data.classes)")
+    check_sizes_fit_data([int(n) for n in model.sizes], data)
     batched_here = trainer.num_devices == 1 and not cli.config.sequential
     if batched_here and not isinstance(trainer.strategy, SingleDeviceStrategy):
         raise SetupError(f"the batched sweep trains on one device, not with strategy "
