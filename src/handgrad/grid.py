@@ -38,6 +38,7 @@ from handgrad import activations
 from handgrad.backprop import backward
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
+from handgrad.module import check_sizes_fit_data
 from handgrad.optim import _single_tensor_sgd, check_hyperparameters
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -528,10 +529,7 @@ class GridClassifier(L.LightningModule):
         if self.trainer.precision not in SUPPORTED_PRECISIONS:
             raise ValueError(f"trainer.precision={self.trainer.precision!r} is not supported: the hand-written "
                              f"backward and SGD step run in one dtype. Use one of {SUPPORTED_PRECISIONS}.")
-        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
-        if names is not None and len(names) != self.sizes[-1]:
-            raise ValueError(f"the model has {self.sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} "
-                             f"classes {list(names)}; set --model.sizes '{[*self.sizes[:-1], len(names)]}'")
+        check_sizes_fit_data(self.sizes, getattr(self.trainer, "datamodule", None))
         if self.trainer.world_size > 1 or not isinstance(self.trainer.strategy, SingleDeviceStrategy):
             # the batched backward runs without autograd, so DDP's gradient hooks would never average anything:
             # every process would train its own replica on its own shard
