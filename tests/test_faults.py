@@ -70,17 +70,23 @@ RESUMABLE = ("--data.shuffle", "true", "--trainer.max_epochs", "5", "--last_chec
              "--model.lr_scheduler.gamma", "0.5")
 
 
+def train_in(folder: Path, args: list[str]):
+    """train.main(args) run from ``folder`` (its lightning_logs/ lands there), for module-scoped fixtures, which
+    cannot use monkeypatch.chdir."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return train.main(args)
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     """The reference run; it keeps the checkpoint of every step (step=N.ckpt) as well."""
     run = tmp_path_factory.mktemp("uninterrupted")
-    cwd = os.getcwd()
-    os.chdir(run)
-    try:
-        cli = train.main(fit_args(data_dir, *RESUMABLE, "--last_checkpoint.save_top_k", "-1",
-                                  "--last_checkpoint.filename", "{step}"))
-    finally:
-        os.chdir(cwd)
+    cli = train_in(run, fit_args(data_dir, *RESUMABLE, "--last_checkpoint.save_top_k", "-1",
+                                 "--last_checkpoint.filename", "{step}"))
     assert cli.trainer.global_step == 20
     return cli, run / "lightning_logs" / "version_0" / "checkpoints"
 
@@ -240,12 +246,7 @@ def test_bad_options_are_refused_before_anything_is_written(data_dir, tmp_path, 
 @pytest.fixture(scope="module")
 def trained_checkpoint(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("trained")
-    cwd = os.getcwd()
-    os.chdir(run)
-    try:
-        train.main(fit_args(data_dir, "--trainer.max_epochs", "1"))
-    finally:
-        os.chdir(cwd)
+    train_in(run, fit_args(data_dir, "--trainer.max_epochs", "1"))
     return run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
