@@ -38,6 +38,8 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from handgrad.errors import BadDataError, DataNotFoundError  # noqa: F401  (re-exported)
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_URL, CIFAR10_TGZ, CIFAR10_TGZ_MD5 = CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5
 PICKLE_DIR = "cifar-10-batches-py"
@@ -49,14 +51,6 @@ DOWNLOAD_TIMEOUT_S = 30  # seconds without an answer before the download counts 
 CACHE_VERSION = 1  # bump when the cached layout changes: old cache files are then ignored, not misread
 CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
 EXTRACT_PROGRESS_STEPS = 4  # log lines while extracting a folder archive: at 25%, 50%, 75% of its bytes
-
-
-class DataNotFoundError(RuntimeError):
-    """No CIFAR-10 data in data_dir and none could be extracted or downloaded."""
-
-
-class BadDataError(ValueError):
-    """The data on disk is there but unusable: corrupt, wrong image size, missing class folder, ..."""
 
 
 def how_to_supply(data_dir: Path) -> str:

@@ -32,9 +32,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used: missing, truncated or corrupt, or made for another model; says what to do."""
+from handgrad.errors import CheckpointError
 
 
 def is_distributed() -> bool:

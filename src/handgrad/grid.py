@@ -38,13 +38,12 @@ from handgrad import activations
 from handgrad.backprop import backward
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
-from handgrad.module import check_sizes_fit_data
+from handgrad.errors import SUPPORTED_PRECISIONS, check_sizes_fit_data  # noqa: F401
 from handgrad.optim import _single_tensor_sgd, check_hyperparameters
 
 HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 HPARAM_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
-SUPPORTED_PRECISIONS = ("32-true", "64-true")
 
 
 # ----------------------------------------------------------------------------- the grid

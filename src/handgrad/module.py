@@ -38,26 +38,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from handgrad import losses, optim
 from handgrad.activations import ACTIVATIONS
 from handgrad.backprop import backward
-from handgrad.distributed import CheckpointError, all_reduce_gradients, is_distributed, world_size
+from handgrad.distributed import all_reduce_gradients, is_distributed, world_size
+from handgrad.errors import (SUPPORTED_PRECISIONS, CheckpointError, ConfigError, NonFiniteLossError,  # noqa: F401
+                             SetupError, check_sizes_fit_data)
 from handgrad.mlp import MLP
 from handgrad.optim import SGD
 
-SUPPORTED_PRECISIONS = ("32-true", "64-true")
 BACKPROPS = ("handgrad", "autograd")
 OPTIMIZERS = ("handgrad", "torch")
 LOSSES = ("cross_entropy", "mse")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step."""
-
-
-class SetupError(ValueError):
-    """The trainer or the data do not fit the model (precision, number of classes); the message says how to fix it."""
-
-
-class ConfigError(ValueError):
-    """A hyperparameter is invalid (negative, NaN, wrong choice); the message names the command-line flag."""
 
 
 class WeightedMean(Metric):
@@ -497,26 +486,6 @@ def check_hyperparameters(*, sizes, activation, loss, lr, momentum, dampening, w
                                                 or nan_check_every_n_steps < 1):
         raise ConfigError(f"--model.nan_check_every_n_steps must be >= 1 or null (automatic), "
                           f"got {nan_check_every_n_steps!r}")
-
-
-def check_sizes_fit_data(sizes: Sequence[int], datamodule) -> None:
-    """Raise :class:`SetupError` with the fitting --model.sizes when the data's input size (``dims``, e.g.
-    (3, 32, 32)) or number of classes (``class_names``) differ from the network's n_0 or n_L."""
-    dims = getattr(datamodule, "dims", None)
-    if dims is not None and math.prod(dims) != sizes[0]:
-        fit = [math.prod(dims), *sizes[1:]]
-        raise SetupError(
-            f"the model's input size sizes[0] = {sizes[0]} does not match the data: "
-            f"{type(datamodule).__name__} gives {'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
-            f"set --model.sizes '{fit}'"
-        )
-    names = getattr(datamodule, "class_names", None)
-    if names is not None and len(names) != sizes[-1]:
-        fit = [*sizes[:-1], len(names)]
-        raise SetupError(
-            f"the model has {sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} classes "
-            f"{list(names)}; set --model.sizes '{fit}' (or change --data.classes)"
-        )
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-
-class OutputDirError(RuntimeError):
-    """The log or checkpoint folder cannot be written."""
+from handgrad.errors import OutputDirError
 
 
 def output_dirs(trainer) -> dict:

@@ -1,0 +1,89 @@
+"""What can go wrong, in one tree, and the checks that raise it before any work is done.
+
+    HandgradError                 a problem the user can fix: printed as one line `error: ...`, exit code 2
+    ├── ConfigError               an option value (names the flag, e.g. --model.lr)
+    ├── SetupError                options that do not fit together or the machine (precision, strategy, sizes)
+    ├── CheckpointError           a checkpoint that is missing, corrupt, hostile or made for another run
+    ├── DataNotFoundError         no data where --data.data_dir points, and none could be fetched
+    ├── BadDataError              data that is there but unusable (corrupt image, missing class, ...)
+    ├── OutputDirError            a log or checkpoint folder that cannot be written (read-only, disk full)
+    └── NonFiniteLossError        training diverged (NaN/inf loss): exit code 1, the run itself failed
+
+The command line (:mod:`handgrad.cli`) catches :class:`HandgradError` once and exits with ``err.exit_code``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+SUPPORTED_PRECISIONS = ("32-true", "64-true")
+
+
+class HandgradError(Exception):
+    """A problem the user can fix; the message says how. ``train.py`` prints it as one ``error:`` line."""
+
+    exit_code = 2
+
+
+class ConfigError(HandgradError, ValueError):
+    """An option value is invalid (negative, NaN, wrong choice); the message names the command-line flag."""
+
+
+class SetupError(HandgradError, ValueError):
+    """The trainer or the data do not fit the model (precision, strategy, number of classes)."""
+
+
+class CheckpointError(HandgradError, ValueError):
+    """A checkpoint cannot be used: missing, truncated, corrupt or hostile, or made for another model or run."""
+
+
+class DataNotFoundError(HandgradError, RuntimeError):
+    """No CIFAR-10 data in data_dir and none could be extracted or downloaded."""
+
+
+class BadDataError(HandgradError, ValueError):
+    """The data on disk is there but unusable: corrupt, wrong image size, missing class folder, ..."""
+
+
+class OutputDirError(HandgradError, RuntimeError):
+    """The log or checkpoint folder cannot be written."""
+
+
+class NonFiniteLossError(HandgradError, RuntimeError):
+    """The training loss became NaN or infinite; the message names the step. Exit code 1: the run failed."""
+
+    exit_code = 1
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_precision(precision) -> None:
+    """The hand-written backward and SGD step run in one dtype: only ``32-true`` and ``64-true``."""
+    if str(precision) not in SUPPORTED_PRECISIONS:
+        raise SetupError(
+            f"--trainer.precision {precision} is not supported: the hand-written backward pass and SGD step run in "
+            f"one dtype and have no loss scaling or mixed-precision casts. Use one of {list(SUPPORTED_PRECISIONS)} "
+            f"(e.g. --trainer.precision 64-true for exact comparisons)."
+        )
+
+
+def check_sizes_fit_data(sizes: Sequence[int], datamodule) -> None:
+    """Raise :class:`SetupError` with the fitting --model.sizes when the data's input size (``dims``, e.g.
+    (3, 32, 32)) or number of classes (``class_names``) differ from the network's n_0 or n_L."""
+    dims = getattr(datamodule, "dims", None)
+    if dims is not None and math.prod(dims) != sizes[0]:
+        fit = [math.prod(dims), *sizes[1:]]
+        raise SetupError(
+            f"the model's input size sizes[0] = {sizes[0]} does not match the data: "
+            f"{type(datamodule).__name__} gives {'x'.join(map(str, dims))} = {math.prod(dims)} values per image; "
+            f"set --model.sizes '{fit}'"
+        )
+    names = getattr(datamodule, "class_names", None)
+    if names is not None and len(names) != sizes[-1]:
+        fit = [*sizes[:-1], len(names)]
+        raise SetupError(
+            f"the model has {sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} classes "
+            f"{list(names)}; set --model.sizes '{fit}' (or change --data.classes)"
+        )
