@@ -45,6 +45,13 @@ from torch.testing._internal.common_utils import TestCase, parametrize
 
 import handgrad
 
+# Importing torch.testing._internal.common_utils freezes torch.backends' flags (torch.backends.disable_global_flags(),
+# for torch's own test runs). pytest imports every test module before running any, so Lightning's Trainer in the
+# other test files could then not set torch.backends.cudnn.benchmark (it does with deterministic=True):
+# unfreeze them again (the flag is a global of torch/backends/__init__.py, read by flags_frozen()).
+# test_backend_flags_stay_settable fails if torch renames it.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 
 def sgd_info(optimizer: str):
     """torch's OptimizerInfo for SGD, or a copy for handgrad's SGD without the fused implementation."""
@@ -778,3 +785,9 @@ def test_the_suite_runs_handgrad_without_fused():
         assert info.optim_cls is handgrad.SGD and "fused" not in info.supported_impls
     assert info.optim_inputs_func(device="cpu")  # torch's SGD inputs are there
     assert math.isclose(info.metadata_for_sparse[0]["lr"], 4.8e-3)
+
+
+def test_backend_flags_stay_settable():
+    """After this module's imports, a Trainer(deterministic=True) may still set torch.backends.cudnn.benchmark."""
+    assert not torch.backends.flags_frozen()
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark
