@@ -118,7 +118,7 @@ class SGD(Optimizer):
         """Perform one update of every parameter that has a gradient; returns ``closure()`` if given.
         Autograd records the update only with ``differentiable=True``."""
         loss = None
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
+        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):  # (absent in old pickles)
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
