@@ -410,7 +410,7 @@ def test_cache_is_used_invalidated_and_optional(image_folder, monkeypatch):
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
-    monkeypatch.setattr(cifar_io.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(cifar_io.folder_lock.tempfile, "mkstemp", read_only)
     shutil.rmtree(root / ".handgrad_cache")
     with pytest.warns(UserWarning, match="continuing without it"):
         assert torch.equal(ready(root).train_x, first.train_x)
