@@ -310,6 +310,8 @@ def forged(good: dict, how: str) -> dict:
     if how == "no listing":  # well-formed, this version, but every training image labelled airplane
         return {"version": good["version"], **{k: good[k] for k in cifar_io.CACHE_KEYS},
                 "train_y": torch.zeros_like(good["train_y"])}
+    if how == "other listing":  # e.g. copied from another data folder
+        return {**good, "listing": hashlib.sha256(b"other files").hexdigest()}
     if how == "labels shuffled":
         return {**good, "train_y": good["train_y"].flip(0)}
     if how == "one image less":
@@ -318,7 +320,8 @@ def forged(good: dict, how: str) -> dict:
 
 
 @pytest.mark.parametrize("how, why", [
-    ("no listing", "made from another listing of files, sizes and times"),
+    ("no listing", "it records no source listing: written by an older handgrad, or not by handgrad"),
+    ("other listing", "made from another listing of files, sizes and times"),
     ("labels shuffled", "its train labels are not those of the 20 train files"),
     ("one image less", "its test labels are not those of the 6 test files"),
     ("other classes", "classes [0, 1] instead of [0, 2]"),
@@ -348,3 +351,17 @@ def test_forged_pickle_cache_with_a_missing_class_is_rebuilt(tmp_path, caplog):
         assert fingerprint(ready(tmp_path)) == first
     assert f"decoded-image cache {cache} does not fit the files it is named after (train labels [0] instead of " \
            f"[0, 2]); rebuilding it" in caplog.text
+
+
+def test_download_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    """torchvision's download fails with ENOSPC: the error says so, and the partial download is removed."""
+    def download_and_extract_archive(url, download_root, filename, md5):
+        (Path(download_root) / filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cifar_io, "download_and_extract_archive", download_and_extract_archive)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataNotFoundError, match=f"^the disk holding {tmp_path / 'data'} is full \\(No space left on "
+                                                f"device\\) while downloading {cifar_io.CIFAR10_URL}: .* free, about "
+                                                f"340.0 MB needed; free some space there"):
+        CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()
+    assert list((tmp_path / "data").iterdir()) == []

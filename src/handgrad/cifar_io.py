@@ -457,7 +457,9 @@ def misfit(cached: dict, meta: dict, labels: dict | None) -> str | None:
     """Why a well-formed cache was not made from these files, or None: another source listing or class set; labels
     that differ from those of the image files (one per file, in order), or, for pickle batches, labels outside the
     classes or a class without images."""
-    if cached.get("listing") != meta["listing"]:
+    if "listing" not in cached:
+        return "it records no source listing: written by an older handgrad, or not by handgrad"
+    if cached["listing"] != meta["listing"]:
         return "made from another listing of files, sizes and times"
     if cached.get("class_ids") != meta["class_ids"]:
         return f"classes {cached.get('class_ids')} instead of {meta['class_ids']}"
