@@ -89,8 +89,9 @@ def remove_debris(*folders: Path) -> None:
                 try:
                     os.unlink(e.path)
                 except OSError:
-                    continue
-            removed.append(e.name)
+                    pass
+            if not os.path.lexists(e.path):
+                removed.append(e.name)
     if removed:
         rank_zero_info(f"removed {len(removed)} leftover(s) of interrupted runs ({size_text(freed)}): "
                        f"{', '.join(sorted(removed))}")
