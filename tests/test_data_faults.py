@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from handgrad import cifar_io, folder_lock
+from handgrad import cifar_fetch, cifar_io, folder_lock
 from handgrad.data import CIFAR10DataModule, DataNotFoundError
 from test_data import write_pickle_batches
 
@@ -140,19 +140,19 @@ KILLED = r"""
 import sys, time
 from pathlib import Path
 import torch
-from handgrad import cifar_io
+from handgrad import cifar_fetch
 from handgrad.data import CIFAR10DataModule
 
 marker, where, data_dir = sys.argv[1:]
 if where == "extraction":  # stop after 5 files of the archive
-    members = cifar_io._members_with_progress
+    members = cifar_fetch._members_with_progress
     def slow(*args):
         for n, member in enumerate(members(*args)):
             if n == 5:
                 Path(marker).touch()
                 time.sleep(600)
             yield member
-    cifar_io._members_with_progress = slow
+    cifar_fetch._members_with_progress = slow
 else:  # stop after 100 kB of the cache file
     def slow_save(obj, f):
         f.write(b"PK" + bytes(100_000))
@@ -192,7 +192,7 @@ def test_debris_of_killed_writers_is_removed_and_only_theirs(tmp_path, caplog):
     (dead_dir,) = [p for p in a.iterdir() if p.name.startswith(".extract-")]
     (dead_tmp,) = (b / ".handgrad_cache").glob("*.tmp")
     assert dead_dir.name.startswith(f".extract-{host}-{procs[a].pid}-") and len(list(dead_dir.rglob("*.png"))) > 0
-    assert dead_tmp.name.startswith(f"cifar10-folder-v1-") and f"-{host}-{procs[b].pid}-" in dead_tmp.name
+    assert dead_tmp.name.startswith("cifar10-folder-v1-") and f"-{host}-{procs[b].pid}-" in dead_tmp.name
     kept = [a / f".extract-{host}-{me}-live1234", a / f".extract-otherhost-{procs[a].pid}-abcd1234",
             a / ".extract-k2j4h1x0", b / ".handgrad_cache" / f"cifar10-folder-v1-0.pt-{host}-{me}-live1234.tmp"]
     for p in kept[:3]:
@@ -358,10 +358,10 @@ def test_download_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
     def download_and_extract_archive(url, download_root, filename, md5):
         (Path(download_root) / filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(cifar_io, "download_and_extract_archive", download_and_extract_archive)
+    monkeypatch.setattr(cifar_fetch, "download_and_extract_archive", download_and_extract_archive)
     (tmp_path / "data").mkdir()
     with pytest.raises(DataNotFoundError, match=f"^the disk holding {tmp_path / 'data'} is full \\(No space left on "
-                                                f"device\\) while downloading {cifar_io.CIFAR10_URL}: .* free, about "
-                                                f"340.0 MB needed; free some space there"):
+                                                f"device\\) while downloading {cifar_fetch.CIFAR10_URL}: .* free, about "
+                                                f"350.0 MB needed; free some space there"):
         CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()
     assert list((tmp_path / "data").iterdir()) == []
