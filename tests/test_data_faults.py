@@ -114,7 +114,7 @@ def race(tmp_path, dirs: list[Path], n: int) -> list[list[dict]]:
     return [[r[t] for r in results] for t in range(len(dirs))]
 
 
-def test_three_first_runs_at_once_extract_and_decode_once(tmp_path):
+def test_three_first_runs_at_once_extract_and_decode_once(tmp_path, monkeypatch):
     """3 processes start on a folder holding only the archive, 3 times: none fails, one of them extracts and decodes,
     the others wait and use its tree and its cache; all get the same data; nothing is left behind."""
     archive = make_archive(tmp_path)
@@ -132,6 +132,8 @@ def test_three_first_runs_at_once_extract_and_decode_once(tmp_path):
         d = dirs[trial]
         assert sorted(p.name for p in d.iterdir()) == [".handgrad_cache", "cifar10-jpeg", archive.name]
         assert leftovers(d) == [] and len(list((d / ".handgrad_cache").iterdir())) == 1
+    monkeypatch.setattr(cifar_io, "decode", lambda *a, **k: pytest.fail("decoded although the cache fits"))
+    assert [fingerprint(ready(d, classes=CLASSES)) for d in dirs] == [reference] * 3  # the caches they left
 
 
 # ------------------------------------------------------------------ SIGKILL mid-write
