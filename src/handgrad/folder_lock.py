@@ -98,9 +98,14 @@ def remove_debris(*folders: Path) -> None:
 
 
 def _size(path: Path) -> int:
-    if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*"))
+    """Bytes in a file or folder; what vanishes meanwhile (another run cleaning up too) counts as 0."""
+    total = 0
+    for p in (path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())):
+        try:
+            total += p.lstat().st_size
+        except OSError:
+            pass
+    return total
 
 
 @contextmanager
@@ -135,6 +140,9 @@ def _acquire(path: Path) -> int | None:
                 rank_zero_info(f"waiting for {_holder(path)}, which is preparing the data in {path.parent}...")
                 waited = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some network mounts): work without the lock
+            os.close(fd)
+            return None
         try:  # the holder removes the file before it lets go: then this fd locks a file nobody else sees
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
