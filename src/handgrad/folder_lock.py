@@ -99,10 +99,12 @@ def remove_debris(*folders: Path) -> None:
 
 def _size(path: Path) -> int:
     """Bytes in a file or folder; what vanishes meanwhile (another run cleaning up too) counts as 0."""
+    walked = () if path.is_symlink() else os.walk(path)  # os.walk raises nothing, follows no links
+    paths = [path] + [os.path.join(d, n) for d, dirs, files in walked for n in dirs + files]
     total = 0
-    for p in (path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())):
+    for p in paths:
         try:
-            total += p.lstat().st_size
+            total += os.lstat(p).st_size
         except OSError:
             pass
     return total
