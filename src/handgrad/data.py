@@ -4,7 +4,8 @@
     dm.prepare_data(); dm.setup()
     x, y = next(iter(dm.train_dataloader()))                         # (256, 3, 32, 32) float32, (256,) int64
 
-Reading, extracting, downloading and caching live in handgrad.cifar_io; this file is the data pipeline:
+Extracting and downloading live in handgrad.cifar_fetch, reading and caching in handgrad.cifar_io; this file is
+the data pipeline:
 labels -> split -> statistics -> normalization -> batches.
 """
 
@@ -21,7 +22,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
-from handgrad import cifar_io
+from handgrad import cifar_fetch, cifar_io
 from handgrad.cifar_io import CIFAR10_CLASSES, BadDataError, DataNotFoundError
 
 __all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "channel_stats", "normalize",
@@ -210,7 +211,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self._logged = False
 
     def prepare_data(self) -> None:
-        cifar_io.prepare(self.data_dir, self.hparams.download)
+        cifar_fetch.prepare(self.data_dir, self.hparams.download)
 
     def _target(self) -> tuple[torch.device, torch.dtype]:
         """Where and in which dtype the batches must be: the trainer's root device (if CUDA) and precision."""
