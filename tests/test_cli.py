@@ -142,7 +142,7 @@ def test_missing_data_is_a_clear_error_without_traceback(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("override, code, message", [
-    (["--trainer.precision", "bf16-mixed"], 2, "error: trainer.precision='bf16-mixed' is not supported"),
+    (["--trainer.precision", "bf16-mixed"], 2, "error: --trainer.precision bf16-mixed is not supported"),
     (["--model.sizes", "[3072, 16, 3]"], 2, "error: the model has 3 outputs (sizes[-1]) but the data has 2 classes"),
     (["--model.lr", "1e12"], 1, "error: the training loss became NaN or infinite at step "),
 ])

@@ -23,7 +23,8 @@ import torch
 
 from conftest import write_image_folder
 from handgrad import cifar_io
-from handgrad.distributed import AtomicCheckpointIO, CheckpointError
+from handgrad.checkpoints import AtomicCheckpointIO
+from handgrad.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")

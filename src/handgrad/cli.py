@@ -21,11 +21,11 @@ import warnings
 from argparse import RawDescriptionHelpFormatter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import yaml
-from jsonargparse import Namespace, lazy_instance
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -41,7 +41,19 @@ from handgrad.outputs import check_output_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
-DEFAULT_LOG_ROOT = "."  # the default logger's save_dir; --trainer.default_root_dir replaces it
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger with this project's defaults: runs in <save_dir>/lightning_logs/version_N, where
+    save_dir None (the default) means --trainer.default_root_dir, else the working directory (Lightning's convention
+    for its own default logger); and no hp_metric placeholder (the HPARAMS tab shows hp/val_acc and hp/test_acc)."""
+
+    def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
+                 version: Optional[Union[int, str]] = None, default_hp_metric: bool = False, **kwargs):
+        super().__init__(save_dir or ".", name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+
+
+RUN_LOGGER = f"{__name__}.RunLogger"
 
 
 class HandgradCLI(LightningCLI):
@@ -55,9 +67,9 @@ class HandgradCLI(LightningCLI):
             CIFAR10DataModule,
             args=args,
             run=run,
-            trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir=DEFAULT_LOG_ROOT, name="lightning_logs",
-                                                      default_hp_metric=False),
-                              "plugins": lazy_instance(AtomicCheckpointIO)},
+            # (class paths, not lazy_instance: its generated classes cannot be unpickled by ddp_spawn's processes)
+            trainer_defaults={"logger": {"class_path": RUN_LOGGER},
+                              "plugins": {"class_path": "handgrad.checkpoints.AtomicCheckpointIO"}},
             # a resumed fit writes into its own run folder: its config.yaml is replaced there
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the optimizer is a model option: --model.optimizer handgrad|torch
@@ -90,8 +102,8 @@ class HandgradCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         check_precision(config.trainer.precision)  # as typed: Lightning turns 16-mixed on a CPU into bf16-mixed
         logger = config.trainer.logger
-        if isinstance(logger, Namespace) and logger.init_args.get("save_dir") == DEFAULT_LOG_ROOT:
-            logger.init_args.save_dir = config.trainer.default_root_dir or DEFAULT_LOG_ROOT  # Lightning's convention
+        if isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = config.trainer.default_root_dir or "."  # (shown so in the saved config.yaml)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and not (ckpt_path in ("best", "last", "hpc") or "://" in str(ckpt_path)
                               or str(ckpt_path).startswith("registry")):
@@ -174,7 +186,7 @@ def resume_in_its_run(logger, ckpt_path) -> None:
     run and the best-checkpoint callback finds its own folder again, so it keeps the best score of the epochs
     before the interruption (in a new version_N it would start its search anew)."""
     run = Path(str(ckpt_path)).absolute().parent.parent
-    if (isinstance(logger, Namespace) and logger.class_path.endswith("TensorBoardLogger")
+    if (isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER
             and logger.init_args.get("version") is None and run.name.startswith("version_")
             and run.parent == (Path(logger.init_args.save_dir) / logger.init_args.name).absolute()):
         logger.init_args.version = run.name
