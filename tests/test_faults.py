@@ -395,3 +395,64 @@ def test_cache_of_another_version_is_rebuilt_not_misread(tmp_path, monkeypatch, 
     assert f"decoded-image cache {path} is not in this version's format" in caplog.text
     assert torch.equal(data["train_x"], truth["train_x"]) and torch.equal(data["test_x"], truth["test_x"])
     assert cifar_io.is_current_cache(torch.load(path, weights_only=True))  # rebuilt
+
+
+# ------------------------------------------------------------------ bad data or checkpoints found late: still nothing written
+
+def test_explicit_default_sizes_on_a_checkpoint_of_other_sizes_are_refused(data_dir, trained_checkpoint, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Regression: --model.sizes typed equal to the default was taken for "not given", and the checkpoint's
+    architecture silently replaced it. What the user typed counts, also when it equals the default."""
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path, data_dir, trained_checkpoint.parent)
+    for subcommand in ("fit", "validate"):
+        args = fit_args(data_dir, "--model.sizes", "[3072, 512, 128, 32, 2]", "--ckpt_path", str(trained_checkpoint))
+        err = run_cli([subcommand, *args[1:]], capsys)
+        assert (f"error: checkpoint {trained_checkpoint} was trained with sizes [3072, 16, 2] and activation 'relu', "
+                f"this model has sizes [3072, 512, 128, 32, 2] and activation 'relu'; pass --model.sizes "
+                f"'[3072, 16, 2]' to use it") in err
+    assert snapshot(tmp_path, data_dir, trained_checkpoint.parent) == before
+
+
+def test_a_hostile_checkpoint_is_refused_without_unsafe_advice(data_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint holding an object torch's safe loader refuses (it could run code): one error line, no advice to
+    load it with weights_only=False."""
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "payload": Throttle(0.0)}, hostile)  # any class: unpickling would import it
+    for subcommand in ("fit", "test"):
+        err = run_cli([subcommand, *fit_args(data_dir, "--ckpt_path", str(hostile))[1:]], capsys)
+        assert f"error: checkpoint {hostile} is not a handgrad checkpoint: it holds objects that are not allowed" in err
+        assert "weights_only" not in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def corrupt_jpeg(root: Path) -> None:
+    next((root / "train" / "bird").glob("*.png")).write_bytes(b"\xff\xd8\xff\xe0 not an image")
+
+
+def drop_test_birds(root: Path) -> None:
+    for p in (root / "test" / "bird").iterdir():
+        p.unlink()
+    (root / "test" / "bird").rmdir()
+
+
+@pytest.mark.parametrize("damage, extra, message", [
+    (None, ["--data.val_fraction", "0.9999"], "error: --data.val_fraction 0.9999 leaves a class without train or val"),
+    (corrupt_jpeg, [], "error: "),
+    (drop_test_birds, [], "error: "),
+])
+def test_bad_data_found_during_setup_writes_nothing(tmp_path, monkeypatch, capsys, damage, extra, message):
+    """Regression: errors found while the data is set up (a split that leaves a class empty, a corrupt image, a
+    missing class folder) left lightning_logs/version_0 behind, and --data.val_fraction 0.9999 was a traceback."""
+    root = tmp_path / "data"
+    write_image_folder(root, per_class_train=20, per_class_test=3, classes=("airplane", "bird"))
+    if damage:
+        damage(root)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for args in (fit_args(root, *extra), fit_args(root, *extra)[1:]):  # fit, and the main job
+        err = run_cli(args, capsys)
+        assert message in err, err
+        assert list(work.iterdir()) == [], err
