@@ -65,7 +65,7 @@ def snapshot(*roots: Path) -> dict[Path, str]:
 
 # ------------------------------------------------------------------ SIGKILL during training, then resume
 
-# shuffled epochs, momentum, a StepLR schedule stepped per epoch: 5 epochs of 4 steps, last.ckpt after every step
+# shuffled epochs, momentum, a StepLR schedule stepped per epoch (after its last batch): 5 epochs of 4 steps, last.ckpt after every step
 RESUMABLE = ("--data.shuffle", "true", "--trainer.max_epochs", "5", "--last_checkpoint.every_n_train_steps", "1",
              "--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size", "1",
              "--model.lr_scheduler.gamma", "0.5")
@@ -141,8 +141,9 @@ def test_sigkill_during_training_then_resume_gives_the_same_weights(data_dir, un
 
 @pytest.mark.parametrize("step", [4, 10])
 def test_resume_at_an_epoch_end_and_mid_epoch_is_exact(data_dir, uninterrupted, tmp_path, monkeypatch, step):
-    """step=4.ckpt was written after epoch 0's last batch, before its validation and its schedule step (which a
-    resume skips in Lightning; the model catches it up); step=10.ckpt in the middle of epoch 2."""
+    """step=4.ckpt was written after epoch 0's last batch, before its validation (which a resume skips in Lightning);
+    the schedule was stepped in that batch's training step, so the checkpoint holds it. step=10.ckpt in the middle
+    of epoch 2."""
     full, checkpoints = uninterrupted
     monkeypatch.chdir(tmp_path)
     resumed = train.main(fit_args(data_dir, *RESUMABLE, "--ckpt_path", str(checkpoints / f"step={step}.ckpt")))

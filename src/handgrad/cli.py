@@ -162,22 +162,18 @@ class HandgradCLI(LightningCLI):
 
 def typed_options(parser, args, subcommand) -> dict:
     """The options the command line sets, itself or through --config files, without the defaults (nor
-    configs/default.yaml): what the user asked for, even where it equals the default. When that cannot be
-    parsed alone (an option of a class given without the class's required ones, e.g. only
-    --trainer.logger.init_args.version): the options whose value differs from the parser's defaults."""
-    parser.exit_on_error = False
+    configs/default.yaml): what the user asked for, even where it equals the default. If they cannot be parsed
+    without the defaults (a class option given without a required argument that a default supplies), every
+    model option counts as asked for: a checkpoint is then refused rather than silently preferred."""
+    parser.exit_on_error = False  # (argparse's documented switch: raise instead of printing usage and exiting)
     try:
         typed = parser.parse_args(args, defaults=False)
     except argparse.ArgumentError:
-        typed = None
+        return {"model": dict.fromkeys(ARCHITECTURE)}
     finally:
         parser.exit_on_error = True
-    if typed is not None:
-        section = typed.get(subcommand) if subcommand else typed
-        return section.as_dict() if section else {}
-    full, defaults = parser.parse_args(args), parser.parse_args([subcommand] if subcommand else [])
-    pick = (lambda c: c[subcommand]) if subcommand else (lambda c: c)
-    return {"model": {k: v for k, v in pick(full).model.items() if pick(defaults).model.get(k) != v}}
+    section = typed.get(subcommand) if subcommand else typed
+    return section.as_dict() if section else {}
 
 
 def resume_in_its_run(logger, ckpt_path) -> None:
