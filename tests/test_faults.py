@@ -457,3 +457,22 @@ def test_bad_data_found_during_setup_writes_nothing(tmp_path, monkeypatch, capsy
         err = run_cli(args, capsys)
         assert message in err, err
         assert list(work.iterdir()) == [], err
+
+
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
+    """Two processes writing the same checkpoint name (two resumes of one run): a save removes only the temporary
+    files of writers that are dead, never one another live process is still writing."""
+    io = AtomicCheckpointIO()
+    last = tmp_path / "last.ckpt"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = tmp_path / f".last.ckpt.{live.pid}.abc123.tmp"
+        theirs.write_bytes(b"half a checkpoint")
+        dead = tmp_path / ".last.ckpt.999999999.def456.tmp"  # no such process
+        dead.write_bytes(b"left by a killed writer")
+        io.save_checkpoint({"step": 1}, last)
+        assert theirs.read_bytes() == b"half a checkpoint" and not dead.exists()
+        assert io.load_checkpoint(last) == {"step": 1}
+    finally:
+        live.kill()
+        live.wait()

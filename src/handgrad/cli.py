@@ -101,9 +101,7 @@ class HandgradCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         check_precision(config.trainer.precision)  # as typed: Lightning turns 16-mixed on a CPU into bf16-mixed
-        logger = config.trainer.logger
-        if isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER and logger.init_args.save_dir is None:
-            logger.init_args.save_dir = config.trainer.default_root_dir or "."  # (shown so in the saved config.yaml)
+        logs_under_default_root_dir(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and not (ckpt_path in ("best", "last", "hpc") or "://" in str(ckpt_path)
                               or str(ckpt_path).startswith("registry")):
@@ -158,6 +156,14 @@ class HandgradCLI(LightningCLI):
     def before_predict(self) -> None:
         self.before_validate()
         self.trainer.callbacks.append(PredictionWriter())
+
+
+def logs_under_default_root_dir(config: Namespace) -> None:
+    """A RunLogger without a save_dir writes under --trainer.default_root_dir (else the working directory), as
+    Lightning's own default logger does; filled in the parsed config, so the saved config.yaml shows it."""
+    logger = config.trainer.logger
+    if isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER and logger.init_args.save_dir is None:
+        logger.init_args.save_dir = config.trainer.default_root_dir or "."
 
 
 def typed_options(parser, args, subcommand) -> dict:
