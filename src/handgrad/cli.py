@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from handgrad.callbacks import add_lr_monitor
-from handgrad.checkpoints import ARCHITECTURE, AtomicCheckpointIO, check_architecture, check_resume, load_for_checks
+from handgrad.checkpoints import ARCHITECTURE, check_architecture, check_resume, load_for_checks
 from handgrad.data import CIFAR10DataModule
 from handgrad.errors import ConfigError, HandgradError, check_precision
 from handgrad.module import HandgradClassifier
@@ -158,12 +158,14 @@ class HandgradCLI(LightningCLI):
         self.trainer.callbacks.append(PredictionWriter())
 
 
-def logs_under_default_root_dir(config: Namespace) -> None:
-    """A RunLogger without a save_dir writes under --trainer.default_root_dir (else the working directory), as
-    Lightning's own default logger does; filled in the parsed config, so the saved config.yaml shows it."""
+def logs_under_default_root_dir(config: Namespace, under: str = "") -> None:
+    """A RunLogger without a save_dir writes under --trainer.default_root_dir (else the working directory), in its
+    folder ``under`` if given, as Lightning's own default logger does; filled in the parsed config (``config``: the
+    subcommand's section), so the saved config.yaml shows it."""
     logger = config.trainer.logger
     if isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER and logger.init_args.save_dir is None:
-        logger.init_args.save_dir = config.trainer.default_root_dir or "."
+        logger.init_args.save_dir = str(Path(config.trainer.default_root_dir or ".") / under) if under else \
+            config.trainer.default_root_dir or "."
 
 
 def typed_options(parser, args, subcommand) -> dict:
