@@ -24,6 +24,7 @@ from torchvision.utils import make_grid
 
 from handgrad import cifar_fetch, cifar_io
 from handgrad.cifar_io import CIFAR10_CLASSES, BadDataError, DataNotFoundError
+from handgrad.errors import ConfigError
 
 __all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "channel_stats", "normalize",
            "CIFAR10_CLASSES", "BadDataError", "DataNotFoundError"]
@@ -47,8 +48,8 @@ def stratified_split(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[t
     n_c = onehot.sum(0)
     n_val_c = torch.round(val_fraction * n_c.double()).long()
     if bool(((n_val_c == 0) | (n_val_c == n_c)).any()):
-        raise ValueError(f"val_fraction={val_fraction} leaves a class without train or val images "
-                         f"(training images per class: {n_c.tolist()}); use a val_fraction nearer 0.5 or more data.")
+        raise ConfigError(f"--data.val_fraction {val_fraction} leaves a class without train or val images "
+                          f"(training images per class: {n_c.tolist()}); use a val_fraction nearer 0.5 or more data.")
     is_val = rank_in_class < n_val_c[y_perm]
     return perm[~is_val], perm[is_val]
 

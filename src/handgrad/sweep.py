@@ -52,14 +52,13 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from handgrad.data import BadDataError, CIFAR10DataModule, DataNotFoundError
 from handgrad.grid import HPARAMS, METRICS, SUPPORTED_PRECISIONS, GridClassifier, member_name, select_best
-from handgrad.mlp import MLP
+from handgrad.checkpoints import SELECTED_CKPT, save_selected, selected_checkpoint  # noqa: F401
 from handgrad.module import ConfigError, HandgradClassifier, SetupError, check_sizes_fit_data
 from handgrad.outputs import OutputDirError, check_output_dirs
 
 WORKER_ENV = "HANDGRAD_SWEEP_WORKER"  # internal: set for the per-device worker processes
 COLUMNS = ("member", "lr", "momentum", "weight_decay", "dampening", "nesterov", "status",
            "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "selected")
-SELECTED_CKPT = "selected.ckpt"  # the selected member as a HandgradClassifier checkpoint, in the log directory
 
 
 class SweepCLI(LightningCLI):
@@ -373,41 +372,6 @@ def log_member_hparams(runs: list, rows: list[dict], extra: dict) -> None:
         run.finalize("success")
 
 
-# ----------------------------------------------------------------------------- the selected member's checkpoint
-
-
-def selected_checkpoint(mlp: MLP, member: dict, activation: str, epoch: int, global_step: int,
-                        data_hparams: dict, sweep_info: dict) -> dict:
-    """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
-    :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
-    so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
-    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory)."""
-    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
-        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS})
-    model.to(mlp.fc["1"].weight.dtype)
-    model.mlp.load_state_dict(mlp.state_dict())
-    return {
-        "epoch": epoch,
-        "global_step": global_step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "hparams_name": "kwargs",
-        "hyper_parameters": dict(model.hparams),
-        "datamodule_hparams_name": "kwargs",
-        "datamodule_hyper_parameters": {k: v for k, v in data_hparams.items() if k != "_instantiator"},
-        "handgrad_sweep": sweep_info,
-    }
-
-
-def save_selected(log_dir: Path, checkpoint: dict) -> Path:
-    """Write the checkpoint to ``log_dir/selected.ckpt`` atomically (as the training checkpoints are written)."""
-    from handgrad.distributed import AtomicCheckpointIO
-
-    path = log_dir / SELECTED_CKPT
-    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
-    return path
-
-
 def retest_command(ckpt: Path, data_hparams: dict, precision: str) -> str:
     """The ``train.py test`` line that evaluates ``ckpt`` on the sweep's test data again: the data options that
     fix the test images and their normalisation (the training split's statistics), and the precision."""
@@ -483,7 +447,7 @@ def main(args: Optional[list[str]] = None, datamodule_class=CIFAR10DataModule) -
 def run_as_script() -> None:
     """``python -m handgrad.sweep``: :func:`main`, with a user error (bad option, missing data) printed as one line
     ``error: ...`` and exit code 2, as ``train.py sweep`` does."""
-    from handgrad.distributed import CheckpointError
+    from handgrad.errors import CheckpointError
 
     try:
         main()
