@@ -9,6 +9,7 @@
     python train.py fit --config configs/float64.yaml --model.backprop autograd --model.optimizer torch
     python train.py fit --print_config                  # every option with its value
     python train.py sweep ...                           # grid search (handgrad.sweep)
+    python train.py verify ...                          # check the hand-written gradients and SGD (handgrad.verify)
 
 Logs and checkpoints go to lightning_logs/version_N/ (see them with `tensorboard --logdir lightning_logs`).
 
@@ -281,7 +282,8 @@ def quiet_notices_that_do_not_apply() -> None:
 
 
 def main(args: list[str] | None = None):
-    """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep; else LightningCLI."""
+    """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep; `verify ...` ->
+    handgrad.verify; else LightningCLI."""
     args = sys.argv[1:] if args is None else list(args)
     quiet_notices_that_do_not_apply()
     try:
@@ -289,6 +291,10 @@ def main(args: list[str] | None = None):
             from handgrad.sweep import main as sweep_main  # imported only when asked for
 
             return sweep_main(args[1:])
+        if args and args[0] == "verify":
+            from handgrad.verify import main as verify_main  # imported only when asked for
+
+            return verify_main(args[1:])
         check_config_files(args)
         if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
             return run_default(args)
