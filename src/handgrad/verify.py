@@ -202,6 +202,7 @@ def check_setup(cli: VerifyCLI, opts: VerifyOptions) -> None:
 def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict) -> Optional[dict]:
     """On every process of the run (launched by the strategy's launcher): the data-parallel check with all
     processes, then on global rank 0 the others. Returns the report on rank 0, None on the others."""
+    started = time.perf_counter()
     trainer.strategy.setup_environment()  # the process group, on several processes
     datamodule.trainer = trainer  # the data's device, dtype and this process's shard
     if trainer.local_rank == 0:
@@ -214,15 +215,15 @@ def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict) -> Optional[d
         batches += [(x.flatten(1), y) for _, (x, y) in zip(range(n - len(batches)), datamodule.train_dataloader())]
     subject = build_subject(opts, hp)
     dtype = DTYPES[str(trainer.precision)]
-    dtypes = [torch.float64] + ([dtype] if dtype != torch.float64 else [])
-    tol = {torch.float64: opts.tol_float64, torch.float32: opts.tol_float32}
+    seconds = {"data": time.perf_counter() - started}
     x, y = batches[0]
-    start = time.perf_counter()
-    parallel = []
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parallel = [row for d in dtypes for row in check_data_parallel(subject, x, y, d, tol[d])]
+        t = time.perf_counter()
+        parallel = [row for d in dict.fromkeys([torch.float64, dtype])
+                    for row in check_data_parallel(subject, x, y, d, tolerance(opts, d))]
         dist.barrier()
         dist.destroy_process_group()
+        seconds["data parallel"] = time.perf_counter() - t
     else:
         parallel = [Row("data parallel", None, "-", None, None, "skipped", "one process (run with --trainer.devices "
                         "2 --trainer.strategy ddp)")]
@@ -230,22 +231,44 @@ def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict) -> Optional[d
         return None
     print(f"verify: {subject.name} on the first training batch ({len(y)} images) on {x.device}, precision "
           f"{trainer.precision}")
-    rows = [row for d in dtypes for row in check_autograd(subject, x, y, d, tol[d])]
-    m = opts.fd_batch or len(y)
-    rows += check_finite_differences(subject, x[:m], y[:m], opts.fd_samples, opts.fd_eps, opts.tol_fd, opts.seed)
-    model = copy_of(subject.model, x.device, dtype)
-    grads = []
-    for xb, yb in batches[:opts.sgd_steps]:  # the autograd gradients, the same for both optimizers
-        grads.append({k: g.detach() for k, g in autograd_gradients(subject, model, xb.to(dtype), yb).items()})
     optimizer = load_object(opts.optimizer, "--verify.optimizer")
     sgd_hp = {k: hp[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
-    rows += check_sgd(optimizer, sgd_hp, model, grads)
-    if opts.steps:
-        rows += check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps)
-    rows += parallel
+    rows = one_process_checks(subject, batches, dtype, optimizer, sgd_hp, opts, seconds) + parallel
     return {"subject": subject.name, "device": str(x.device), "precision": str(trainer.precision),
-            "batch_size": len(y), "fd_batch": min(m, len(y)), "sgd": f"{optimizer.__module__}.{optimizer.__name__}",
-            "sgd_hparams": sgd_hp, "checks_seconds": time.perf_counter() - start, "rows": [r.as_dict() for r in rows]}
+            "batch_size": len(y), "fd_batch": min(opts.fd_batch or len(y), len(y)),
+            "sgd": f"{optimizer.__module__}.{optimizer.__name__}", "sgd_hparams": sgd_hp, "seconds_per_check": seconds,
+            "rows": [r.as_dict() for r in rows]}
+
+
+def tolerance(opts: VerifyOptions, dtype) -> float:
+    return opts.tol_float64 if dtype == torch.float64 else opts.tol_float32
+
+
+def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: VerifyOptions, seconds: dict):
+    """Autograd (float64 and ``dtype``), finite differences, SGD and (opts.steps > 0) training, on this process;
+    the time each took goes into ``seconds``."""
+    x, y = batches[0]
+    m = opts.fd_batch or len(y)
+    model = copy_of(subject.model, x.device, dtype)
+
+    def sgd_rows():
+        grads = [{k: g.detach() for k, g in autograd_gradients(subject, model, xb.to(dtype), yb).items()}
+                 for xb, yb in batches[:opts.sgd_steps]]  # autograd's, fed to both optimizers
+        return check_sgd(optimizer, sgd_hp, model, grads)
+
+    checks = {"autograd": lambda: [row for d in dict.fromkeys([torch.float64, dtype])
+                                   for row in check_autograd(subject, x, y, d, tolerance(opts, d))],
+              "finite differences": lambda: check_finite_differences(subject, x[:m], y[:m], opts.fd_samples,
+                                                                     opts.fd_eps, opts.tol_fd, opts.seed),
+              "sgd": sgd_rows,
+              "training": lambda: check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps)
+              if opts.steps else []}
+    rows = []
+    for name, check in checks.items():
+        t = time.perf_counter()
+        rows += check()
+        seconds[name] = time.perf_counter() - t
+    return rows
 
 
 # ----------------------------------------------------------------------------- the report

@@ -179,19 +179,25 @@ def check_finite_differences(subject: Subject, x, y, samples: int, eps: float, t
     _, hand, error = hand_gradients(subject, model, x, y)
     draw = torch.Generator().manual_seed(seed)
     rows = []
+    threads = torch.get_num_threads()
     for l, name, p in parameters(model):
         idx = torch.randperm(p.numel(), generator=draw)[:samples]
         flat = p.detach().view(-1)
         fd = torch.empty(len(idx), dtype=torch.float64)
-        with torch.no_grad():
-            for j, i in enumerate(idx.tolist()):
-                orig = flat[i].item()
-                flat[i] = orig + eps
-                up = subject.loss(model, x, y)
-                flat[i] = orig - eps
-                down = subject.loss(model, x, y)
-                flat[i] = orig
-                fd[j] = (up - down).item() / (2 * eps)
+        # many forward passes of a small batch: one CPU thread is faster (starting threads costs more than they save)
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                for j, i in enumerate(idx.tolist()):
+                    orig = flat[i].item()
+                    flat[i] = orig + eps
+                    up = subject.loss(model, x, y)
+                    flat[i] = orig - eps
+                    down = subject.loss(model, x, y)
+                    flat[i] = orig
+                    fd[j] = (up - down).item() / (2 * eps)
+        finally:
+            torch.set_num_threads(threads)
         g = hand[(l, name)]
         if g is None or g.shape != p.shape:
             rows.append(compare("finite differences", (l, name), g, p, tol, error))  # the missing/shape row
