@@ -347,7 +347,8 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     opts = cli.config_init.verify
     check_options(opts)
     check_setup(cli, opts)
-    hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cli.model.hparams.items()}
+    hp = {k: cli.model.hparams[k] for k in ("sizes", "activation", "loss", "lr", "momentum", "dampening",
+                                             "weight_decay", "nesterov")}
     launcher = cli.trainer.strategy.launcher
     call = (run_checks, cli.trainer, cli.datamodule, opts, hp)
     report = launcher.launch(*call, trainer=None) if launcher is not None else call[0](*call[1:])
