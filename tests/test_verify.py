@@ -58,16 +58,8 @@ def test_reference_model_passes_and_writes_table_json_and_tensorboard(args, tmp_
     assert all(r["value"] == 0 and r["detail"] == "bitwise equal" for r in rows if r["check"].startswith("sgd"))
     assert rows[-1]["verdict"] == "skipped" and rows[-1]["detail"].startswith("one process")
 
-    # the worst element it names is autograd's gradient of the same loss at the same weights on the same batch
-    data = CIFAR10DataModule(args[2])
-    data.setup("fit")
-    x, y = next(iter(data.train_dataloader()))
-    torch.manual_seed(265)
-    model = MLP([3072, 8, 2]).double()
-    grad_w1 = torch.autograd.grad(F.cross_entropy(model(x.double()), y), model.fc["1"].weight)[0]
-    worst = next(r["detail"] for r in rows if r["check"] == "autograd float64" and r["layer"] == 1)
-    index = [int(i) for i in worst.split("[")[1].split("]")[0].split(",")]
-    assert f"vs {grad_w1[tuple(index)]:.6e}" in worst
+    torch.manual_seed(265)  # --verify.seed: the model's initial weights
+    assert_worst_is_autograds(rows, args[2], MLP([3072, 8, 2]))
 
     run = tmp_path / "lightning_logs" / "version_0"
     assert json.loads((run / "verify.json").read_text())["rows"] == rows
@@ -79,6 +71,30 @@ def test_reference_model_passes_and_writes_table_json_and_tensorboard(args, tmp_
     events.Reload()
     text = events.Tensors("verify/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "all checks pass" in text and "| finite differences | 1 | dL_db |" in text
+
+
+def assert_worst_is_autograds(rows, data_dir, model):
+    """The worst element the report names for W^1 (float64) is autograd's gradient of the same loss, at the same
+    weights, on the same batch."""
+    data = CIFAR10DataModule(data_dir)
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    model = model.double()
+    grad_w1 = torch.autograd.grad(F.cross_entropy(model(x.double()), y), model.fc["1"].weight)[0]
+    worst = next(r["detail"] for r in rows if r["check"] == "autograd float64" and r["layer"] == 1)
+    index = [int(i) for i in worst.split("[")[1].split("]")[0].split(",")]
+    assert f"vs {grad_w1[tuple(index)]:.6e}" in worst
+
+
+def test_a_config_saved_by_fit_and_a_checkpoint_s_weights(args, tmp_path):
+    torch.manual_seed(1)
+    trained = MLP([3072, 8, 2])
+    torch.save({"state_dict": {f"mlp.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "w.ckpt")
+    (tmp_path / "fit.yaml").write_text("checkpoint:\n  monitor: val/acc\nlast_checkpoint:\n  filename: last\n"
+                                       "ckpt_path: null\nweights_only: null\n")
+    report = train.main([*args, "--config", str(tmp_path / "fit.yaml"), "--ckpt_path", str(tmp_path / "w.ckpt")])
+    assert report["passed"] and report["subject"].endswith(f"weights of {tmp_path / 'w.ckpt'}")
+    assert_worst_is_autograds(report["rows"], args[2], trained)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -152,6 +168,7 @@ def test_course_net_passes_checks_and_wrong_derivative_does_not():
     (["--verify.optimizer", "torch.optim:NoSuchSGD"], "--verify.optimizer torch.optim:NoSuchSGD: cannot import"),
     (["--verify.fd_samples", "0"], "--verify.fd_samples must be an integer >= 1"),
     (["--verify.sizes", "[3072, 8, 3]"], "the model has 3 outputs"),
+    (["--ckpt_path", str(COURSE)], "cannot be read as a handgrad checkpoint"),
 ])
 def test_bad_input_is_one_error_line(args, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -7,6 +7,7 @@
     python train.py verify --verify.model mynet.py:Net --verify.sizes '[3072, 64, 2]' \\
                            --verify.backprop mynet.py:backpropagation                  # a course-style model
     python train.py verify --verify.optimizer mysgd.py:SGD   # another SGD against torch.optim.SGD
+    python train.py verify --config lightning_logs/version_0/config.yaml --ckpt_path .../last.ckpt  # a fit's run
 
 It reads the same config and options as `fit` (configs/default.yaml, then --config, then flags) and runs, on the
 first training batch of the configured data, the checks of :mod:`handgrad.verify_checks`: gradients against
@@ -39,7 +40,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
 from handgrad.data import CIFAR10DataModule
-from handgrad.errors import ConfigError, SetupError, check_precision, check_sizes_fit_data
+from handgrad.errors import (CheckpointError, ConfigError, HandgradError, SetupError, check_precision,
+                             check_sizes_fit_data)
 from handgrad.module import HandgradClassifier
 from handgrad.outputs import check_output_dirs
 from handgrad.verify_checks import (Row, autograd_gradients, check_autograd, check_data_parallel,
@@ -107,6 +109,13 @@ class VerifyCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(VerifyOptions, "verify")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="check at the weights of this checkpoint (a fit's last.ckpt), not at initial ones")
+        # accepted so that a config saved by fit (lightning_logs/version_N/config.yaml) can be passed as it is;
+        # verify writes no checkpoint and reads --ckpt_path with weights_only=True
+        parser.add_argument("--weights_only", type=Optional[bool], default=None, help="(unused by verify)")
+        for fit_only in ("checkpoint", "last_checkpoint"):
+            parser.add_argument(f"--{fit_only}", type=Optional[dict], default=None, help="(unused by verify)")
 
     def instantiate_classes(self) -> None:
         try:
@@ -185,6 +194,25 @@ def build_subject(opts: VerifyOptions, hp: dict):
     return course_subject(model, backprop, f"{name}, {opts.backprop or 'handgrad backpropagation'}, sum of squares")
 
 
+def load_weights(subject, path: str):
+    """Put the weights of a checkpoint (state_dict keys ending in fc.<l>.weight / fc.<l>.bias, as a handgrad
+    checkpoint holds them) into the subject's model, in the checkpoint's dtype."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k[k.index("fc."):]: v for k, v in checkpoint["state_dict"].items() if "fc." in k}
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read as a handgrad checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); check --ckpt_path") from None
+    try:
+        subject.model.to(next(iter(state.values())).dtype if state else torch.float32).load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model under test ({subject.name}): "
+                              f"{str(err).splitlines()[-1].strip()}; pass the --model.sizes it was trained with"
+                              ) from None
+    subject.name += f", weights of {path}"
+    return subject
+
+
 def check_setup(cli: VerifyCLI, opts: VerifyOptions) -> None:
     """What the checks would refuse, before anything is run or written."""
     trainer = cli.trainer
@@ -195,11 +223,13 @@ def check_setup(cli: VerifyCLI, opts: VerifyOptions) -> None:
                          f"(--trainer.strategy ddp or ddp_spawn)")
     check_sizes_fit_data(opts.sizes or [int(s) for s in cli.model.hparams.sizes], cli.datamodule)
     load_object(opts.optimizer, "--verify.optimizer")
-    build_subject(opts, dict(cli.model.hparams))
+    subject = build_subject(opts, dict(cli.model.hparams))
+    if cli.config.ckpt_path:
+        load_weights(subject, cli.config.ckpt_path)
     check_output_dirs(trainer)
 
 
-def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict) -> Optional[dict]:
+def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Optional[str]) -> Optional[dict]:
     """On every process of the run (launched by the strategy's launcher): the data-parallel check with all
     processes, then on global rank 0 the others. Returns the report on rank 0, None on the others."""
     started = time.perf_counter()
@@ -214,6 +244,8 @@ def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict) -> Optional[d
     while len(batches) < n:
         batches += [(x.flatten(1), y) for _, (x, y) in zip(range(n - len(batches)), datamodule.train_dataloader())]
     subject = build_subject(opts, hp)
+    if ckpt_path:
+        load_weights(subject, ckpt_path)
     dtype = DTYPES[str(trainer.precision)]
     seconds = {"data": time.perf_counter() - started}
     x, y = batches[0]
@@ -350,7 +382,7 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     hp = {k: cli.model.hparams[k] for k in ("sizes", "activation", "loss", "lr", "momentum", "dampening",
                                              "weight_decay", "nesterov")}
     launcher = cli.trainer.strategy.launcher
-    call = (run_checks, cli.trainer, cli.datamodule, opts, hp)
+    call = (run_checks, cli.trainer, cli.datamodule, opts, hp, cli.config.ckpt_path)
     report = launcher.launch(*call, trainer=None) if launcher is not None else call[0](*call[1:])
     if report is None:
         return None
@@ -375,5 +407,9 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
     return report
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m handgrad.verify ...
+    try:
+        main()
+    except HandgradError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
