@@ -46,7 +46,8 @@ from handgrad.module import HandgradClassifier
 from handgrad.outputs import check_output_dirs
 from handgrad.verify_checks import (Row, autograd_gradients, check_autograd, check_data_parallel,
                                     check_finite_differences, check_sgd, check_training, copy_of, course_subject,
-                                    parameters, reference_subject)
+                                    first_failure, json_safe, markdown_table, parameters, reference_subject,
+                                    text_table)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 COURSE_ATTRIBUTES = ("L", "fc", "a", "z", "df", "dL_dw", "dL_db")
@@ -158,13 +159,15 @@ def load_object(spec: str, flag: str):
         raise ConfigError(f"{flag} {spec}: cannot import it ({type(err).__name__}: {err})") from None
 
 
-def build_subject(opts: VerifyOptions, hp: dict):
-    """The model under test, its weights drawn with ``opts.seed``: handgrad's MLP with the configured loss, or
-    (--verify.model / --verify.backprop) a course-style model with its backprop on the sum of squared errors."""
+def build_subject(opts: VerifyOptions, hp: dict, ckpt_path: Optional[str] = None):
+    """The model under test, its weights drawn with ``opts.seed`` (or read from ``ckpt_path``): handgrad's MLP with
+    the configured loss, or (--verify.model / --verify.backprop) a course-style model with its backprop on the sum
+    of squared errors."""
     sizes = [int(s) for s in (opts.sizes or hp["sizes"])]
     torch.manual_seed(opts.seed)
     if opts.model is None and opts.backprop is None:
-        return reference_subject(sizes, hp["activation"], hp["loss"])
+        subject = reference_subject(sizes, hp["activation"], hp["loss"])
+        return load_weights(subject, ckpt_path) if ckpt_path else subject
     backprop = load_object(opts.backprop or "handgrad.backprop:backpropagation", "--verify.backprop")
     if opts.model is None:
         from handgrad.mlp import MLP
@@ -191,7 +194,8 @@ def build_subject(opts: VerifyOptions, hp: dict):
                               f"l = 1..L and takes a batch (N, sizes[0]); {type(err).__name__}: {err}") from None
     if not callable(backprop):
         raise ConfigError(f"--verify.backprop {opts.backprop} is not a function")
-    return course_subject(model, backprop, f"{name}, {opts.backprop or 'handgrad backpropagation'}, sum of squares")
+    subject = course_subject(model, backprop, f"{name}, {opts.backprop or 'handgrad backpropagation'}, sum of squares")
+    return load_weights(subject, ckpt_path) if ckpt_path else subject
 
 
 def load_weights(subject, path: str):
@@ -223,9 +227,7 @@ def check_setup(cli: VerifyCLI, opts: VerifyOptions) -> None:
                          f"(--trainer.strategy ddp or ddp_spawn)")
     check_sizes_fit_data(opts.sizes or [int(s) for s in cli.model.hparams.sizes], cli.datamodule)
     load_object(opts.optimizer, "--verify.optimizer")
-    subject = build_subject(opts, dict(cli.model.hparams))
-    if cli.config.ckpt_path:
-        load_weights(subject, cli.config.ckpt_path)
+    build_subject(opts, dict(cli.model.hparams), cli.config.ckpt_path)
     check_output_dirs(trainer)
 
 
@@ -243,9 +245,7 @@ def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Op
     batches = []
     while len(batches) < n:
         batches += [(x.flatten(1), y) for _, (x, y) in zip(range(n - len(batches)), datamodule.train_dataloader())]
-    subject = build_subject(opts, hp)
-    if ckpt_path:
-        load_weights(subject, ckpt_path)
+    subject = build_subject(opts, hp, ckpt_path)
     dtype = DTYPES[str(trainer.precision)]
     seconds = {"data": time.perf_counter() - started}
     x, y = batches[0]
@@ -304,54 +304,6 @@ def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: V
 
 
 # ----------------------------------------------------------------------------- the report
-
-
-def first_failure(rows: list[dict]) -> Optional[str]:
-    """'layer 2 dL_dw (autograd float64: 0.31 > 1e-10; worst ...)' for the first failing row, None if none fails."""
-    for r in rows:
-        if r["verdict"] == "FAIL":
-            where = f"layer {r['layer']} {r['param']}" if r["layer"] is not None else r["param"]
-            return f"{where} ({r['check']}: {fmt(r['value'])} > {fmt(r['tol'])}; {r['detail']})"
-    return None
-
-
-def fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.0f}" if float(v).is_integer() and abs(v) < 1e6 else f"{v:.3g}"
-
-
-COLUMNS = ("check", "layer", "param", "value", "tolerance", "verdict", "detail")
-
-
-def table_cells(rows: list[dict]) -> list[list[str]]:
-    return [[r["check"], "-" if r["layer"] is None else str(r["layer"]), r["param"], fmt(r["value"]), fmt(r["tol"]),
-             r["verdict"], r["detail"]] for r in rows]
-
-
-def text_table(rows: list[dict]) -> str:
-    """The report as aligned text columns, one row per check per layer and parameter."""
-    cells = [list(COLUMNS)] + table_cells(rows)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in cells)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The same table in Markdown (TensorBoard's Text tab renders it)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in table_cells(rows)]
-    return "\n".join(lines)
-
-
-def json_safe(value):
-    """inf and NaN as strings: strict JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def write_report(cli: VerifyCLI, report: dict) -> Path:

@@ -22,6 +22,7 @@ enters the delta recursion:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -326,3 +327,54 @@ def check_data_parallel(subject: Subject, x, y, dtype, tol: float) -> list[Row]:
 
 def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------- the report's table
+
+
+def first_failure(rows: list[dict]) -> Optional[str]:
+    """'layer 2 dL_dw (autograd float64: 0.31 > 1e-10; worst ...)' for the first failing row, None if none fails."""
+    for r in rows:
+        if r["verdict"] == "FAIL":
+            where = f"layer {r['layer']} {r['param']}" if r["layer"] is not None else r["param"]
+            return f"{where} ({r['check']}: {fmt(r['value'])} > {fmt(r['tol'])}; {r['detail']})"
+    return None
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if float(v).is_integer() and abs(v) < 1e6 else f"{v:.3g}"
+
+
+COLUMNS = ("check", "layer", "param", "value", "tolerance", "verdict", "detail")
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    return [[r["check"], "-" if r["layer"] is None else str(r["layer"]), r["param"], fmt(r["value"]), fmt(r["tol"]),
+             r["verdict"], r["detail"]] for r in rows]
+
+
+def text_table(rows: list[dict]) -> str:
+    """The report as aligned text columns, one row per check per layer and parameter."""
+    cells = [list(COLUMNS)] + table_cells(rows)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in cells)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The same table in Markdown (TensorBoard's Text tab renders it)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in table_cells(rows)]
+    return "\n".join(lines)
+
+
+def json_safe(value):
+    """inf and NaN as strings: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
