@@ -306,7 +306,8 @@ def check_data_parallel(subject: Subject, x, y, dtype, tol: float) -> list[Row]:
     for l, name, p in params:
         g = local[(l, name)]
         p.grad = torch.zeros_like(p) if g is None or g.shape != p.shape else g * scale
-    all_reduce_gradients([p for _, _, p in params], (loss if loss is not None else torch.zeros(())) * scale, n)
+    loss = loss if loss is not None else torch.zeros((), device=x.device)
+    all_reduce_gradients([p for _, _, p in params], loss * scale, n)
     reduced = {(l, name): p.grad.clone() for l, name, p in params}  # the next backward may write into .grad
     x_all = torch.cat([s[0] for s in shards]).to(x.device, dtype)
     y_all = torch.cat([s[1] for s in shards]).to(y.device)
