@@ -64,7 +64,8 @@ class VerifyOptions:
             ``path/to/file.py:Class``, built as ``Class(sizes)``; it exposes L, fc, a, z, df, dL_dw, dL_db.
         sizes: the layer sizes of the model under test (default: --model.sizes).
         backprop: its hand-written ``backprop(model, y_true, y_pred)`` (default with --verify.model:
-            handgrad.backprop:backpropagation); the loss is then the course's sum of squared errors.
+            handgrad.backprop:backpropagation; without --verify.model it backpropagates handgrad's MLP); the loss
+            is then the course's sum of squared errors to the one-hot target.
         optimizer: the SGD under test against torch.optim.SGD (built like it, with foreach=False/True).
         seed: seed of the model's initial weights and of the finite-difference sample.
         sgd_steps: N of the SGD check (one step, then N steps).
