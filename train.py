@@ -9,6 +9,7 @@
     python train.py fit --config configs/float64.yaml --model.backprop autograd --model.optimizer torch
     python train.py fit --print_config                  # every option with its value
     python train.py sweep ...                           # grid search (handgrad.sweep)
+    python train.py verify ...                          # check the hand-written gradients and SGD (handgrad.verify)
 
 Logs and checkpoints go to lightning_logs/version_N/ under --trainer.default_root_dir (default: the working
 directory); see them with `tensorboard --logdir lightning_logs`.
@@ -30,7 +31,7 @@ from handgrad.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_o
 # `python train.py NAME ...` hands the rest of the command line to NAME's module's main(args)
 COMMANDS = {
     "sweep": "handgrad.sweep",  # grid search, all members at once
-    # "verify": "handgrad.verify",
+    "verify": "handgrad.verify",  # the hand-written gradients and SGD step checked on this machine
 }
 
 
@@ -57,7 +58,8 @@ def run_default(overrides: list[str]) -> HandgradCLI:
 
 
 def main(args: list[str] | None = None):
-    """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep; else LightningCLI."""
+    """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep; `verify ...` ->
+    handgrad.verify; else LightningCLI."""
     args = sys.argv[1:] if args is None else list(args)
     quiet_lightning_notices()
     with exit_on_user_error():
