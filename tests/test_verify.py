@@ -97,6 +97,19 @@ def test_a_config_saved_by_fit_and_a_checkpoint_s_weights(args, tmp_path):
     assert_worst_is_autograds(report["rows"], args[2], trained)
 
 
+
+def test_default_root_dir_holds_the_run_folder(args, tmp_path, capsys):
+    """As for fit (tests/test_cli.py): the run folder (verify.json, config.yaml, TensorBoard) is under
+    --trainer.default_root_dir, not the working directory."""
+    root = tmp_path / "runs"
+    report = train.main([*args, "--trainer.default_root_dir", str(root), "--verify.sgd_steps", "1",
+                         "--verify.fd_samples", "1"])
+    run = root / "lightning_logs" / "version_0"
+    assert json.loads((run / "verify.json").read_text())["rows"] == report["rows"]
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert f"report: {run / 'verify.json'}" in capsys.readouterr().out
+    assert not (tmp_path / "lightning_logs").exists()
+
 @pytest.mark.parametrize("extra, message", [
     ([f"--verify.model={COURSE}:CourseNet", "--verify.sizes=[3072, 8, 4, 2]"], None),
     ([f"--verify.model={COURSE}:WrongTanhNet", "--verify.sizes=[3072, 8, 4, 2]"], "layer 2 dL_dw"),
@@ -168,7 +181,7 @@ def test_course_net_passes_checks_and_wrong_derivative_does_not():
     (["--verify.optimizer", "torch.optim:NoSuchSGD"], "--verify.optimizer torch.optim:NoSuchSGD: cannot import"),
     (["--verify.fd_samples", "0"], "--verify.fd_samples must be an integer >= 1"),
     (["--verify.sizes", "[3072, 8, 3]"], "the model has 3 outputs"),
-    (["--ckpt_path", str(COURSE)], "cannot be read as a handgrad checkpoint"),
+    (["--ckpt_path", str(COURSE)], "is not a handgrad checkpoint"),
 ])
 def test_bad_input_is_one_error_line(args, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
