@@ -25,12 +25,14 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from handgrad.checkpoints import load_for_checks
@@ -38,7 +40,7 @@ from handgrad.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_o
 from handgrad.errors import CheckpointError, ConfigError, check_sizes_fit_data
 from handgrad.verify_checks import (Row, autograd_gradients, check_autograd, check_data_parallel,
                                     check_finite_differences, check_sgd, check_training, copy_of, course_subject,
-                                    first_failure, json_safe, markdown_table, parameters, reference_subject,
+                                    dtype_name, first_failure, json_safe, markdown_table, parameters, reference_subject,
                                     text_table)
 
 COURSE_ATTRIBUTES = ("L", "fc", "a", "z", "df", "dL_dw", "dL_db")
@@ -209,9 +211,11 @@ def check_setup(cli: VerifyCLI, opts: VerifyOptions) -> None:
     cli.preflight()
 
 
-def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Optional[str]) -> Optional[dict]:
+def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Optional[str],
+               setup_seconds: float = 0.0) -> Optional[dict]:
     """On every process of the run (launched by the strategy's launcher): the data-parallel check with all
-    processes, then on global rank 0 the others. Returns the report on rank 0, None on the others."""
+    processes, then on global rank 0 the others. Returns the report on rank 0, None on the others; its
+    seconds_per_check start with "setup": ``setup_seconds`` (options, checks, data) and the batches' time."""
     started = time.perf_counter()
     trainer.strategy.setup_environment()  # the process group, on several processes
     datamodule.trainer = trainer  # the data's device, dtype and this process's shard
@@ -222,10 +226,13 @@ def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Op
     while len(batches) < n:
         batches += [(x.flatten(1), y) for _, (x, y) in zip(range(n - len(batches)), datamodule.train_dataloader())]
     subject = build_subject(opts, hp, ckpt_path)
-    seconds = {"data": time.perf_counter() - started}
+    seconds = {"setup": setup_seconds + time.perf_counter() - started}
     x, y = batches[0]
     dtype = x.dtype  # the configured precision's: the data module delivers batches in it
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if trainer.global_rank == 0:
+            print(f"verify: data parallel: the all-reduced gradient of {dist.get_world_size()} processes against "
+                  f"the global batch's", flush=True)
         t = time.perf_counter()
         parallel = [row for d in dict.fromkeys([torch.float64, dtype])
                     for row in check_data_parallel(subject, x, y, d, tolerance(opts, d))]
@@ -253,30 +260,55 @@ def tolerance(opts: VerifyOptions, dtype) -> float:
 
 
 def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: VerifyOptions, seconds: dict):
-    """Autograd (float64 and ``dtype``), finite differences, SGD and (opts.steps > 0) training, on this process;
-    the time each took goes into ``seconds``."""
+    """Autograd (float64 and ``dtype``), finite differences, SGD and (opts.steps > 0) training, on this process,
+    each announced by a progress line (the training steps also by a progress bar); the time each took goes into
+    ``seconds``."""
     x, y = batches[0]
-    m = opts.fd_batch or len(y)
+    m = min(opts.fd_batch or len(y), len(y))
     model = copy_of(subject.model, x.device, dtype)
+    dtypes = list(dict.fromkeys([torch.float64, dtype]))
 
     def sgd_rows():
         grads = [{k: g.detach() for k, g in autograd_gradients(subject, model, xb.to(dtype), yb).items()}
                  for xb, yb in batches[:opts.sgd_steps]]  # autograd's, fed to both optimizers
         return check_sgd(optimizer, sgd_hp, model, grads)
 
-    checks = {"autograd": lambda: [row for d in dict.fromkeys([torch.float64, dtype])
-                                   for row in check_autograd(subject, x, y, d, tolerance(opts, d))],
-              "finite differences": lambda: check_finite_differences(subject, x[:m], y[:m], opts.fd_samples,
-                                                                     opts.fd_eps, opts.tol_fd, opts.seed),
-              "sgd": sgd_rows,
-              "training": lambda: check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps)
-              if opts.steps else []}
+    def training_rows():
+        def bar(steps):
+            return tqdm(steps, desc="training steps", leave=False, disable=None)  # disable=None: off without a TTY
+
+        return check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps, progress=bar)
+
+    checks = [("autograd", f"hand-written gradients against autograd in {' and '.join(map(dtype_name, dtypes))}",
+               lambda: [row for d in dtypes for row in check_autograd(subject, x, y, d, tolerance(opts, d))]),
+              ("finite differences", f"central differences on {opts.fd_samples} entries per weight and bias, "
+               f"{m} images", lambda: check_finite_differences(subject, x[:m], y[:m], opts.fd_samples, opts.fd_eps,
+                                                                 opts.tol_fd, opts.seed)),
+              ("sgd", f"1 and {opts.sgd_steps} steps against torch.optim.SGD, single-tensor and foreach", sgd_rows)]
+    if opts.steps:
+        checks.append(("training", f"{opts.steps} steps against autograd + torch.optim.SGD in float64",
+                       training_rows))
     rows = []
-    for name, check in checks.items():
+    for i, (name, what, check) in enumerate(checks, 1):
+        print(f"verify [{i}/{len(checks)}] {name}: {what}", flush=True)
         t = time.perf_counter()
-        rows += check()
+        with one_cpu_thread() if name in ("finite differences", "sgd") else nullcontext():
+            rows += check()
         seconds[name] = time.perf_counter() - t
     return rows
+
+
+@contextmanager
+def one_cpu_thread():
+    """torch on one CPU thread: for many small operations (the finite differences' forward passes of a few images,
+    the element-wise SGD updates) a second thread costs more to wake than it saves, most of all on a busy machine
+    (measured on 2 cores at load 9: 5 SGD steps of the reference model 0.4 s on one thread, 1.4-8.3 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -308,10 +340,11 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     cli = VerifyCLI(args=args)
     opts = cli.config_init.verify
     check_setup(cli, opts)
+    setup_seconds = time.perf_counter() - start
     hp = {k: cli.model.hparams[k] for k in ("sizes", "activation", "loss", "lr", "momentum", "dampening",
                                              "weight_decay", "nesterov")}
     launcher = cli.trainer.strategy.launcher
-    call = (run_checks, cli.trainer, cli.datamodule, opts, hp, cli.config.ckpt_path)
+    call = (run_checks, cli.trainer, cli.datamodule, opts, hp, cli.config.ckpt_path, setup_seconds)
     report = launcher.launch(*call, trainer=None) if launcher is not None else call[0](*call[1:])
     if report is None:
         return None
@@ -322,7 +355,8 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     run = write_report(cli, report)
     print(text_table(report["rows"]))
     failed = sum(r["verdict"] == "FAIL" for r in report["rows"])
-    print(f"\n{len(report['rows'])} checks, {failed} failed, in {report['seconds']:.1f} s; report: "
+    each = ", ".join(f"{name} {t:.1f}" for name, t in report["seconds_per_check"].items())
+    print(f"\n{len(report['rows'])} checks, {failed} failed, in {report['seconds']:.1f} s ({each}); report: "
           f"{run / 'verify.json'} (and TensorBoard: tensorboard --logdir {run.parent})")
     return report
 
