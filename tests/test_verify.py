@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +20,7 @@ from handgrad.data import CIFAR10DataModule
 from handgrad.mlp import MLP
 from handgrad.optim import SGD
 from handgrad.verify_checks import check_autograd, check_finite_differences, check_sgd, course_subject, ulp_distance
+from test_distributed import two_processes  # (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 COURSE = Path(__file__).with_name("course_models.py")
@@ -196,14 +194,7 @@ def test_data_parallel_all_reduced_gradient_equals_the_global_batch_gradient(ima
     cmd = [sys.executable, str(REPO / "train.py"), "verify", "--data.data_dir", str(image_folder[0]),
            "--model.sizes", "[3072, 8, 2]", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--verify.sgd_steps", "1", "--verify.fd_samples", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's second process is in the same session
-        pytest.fail(f"the 2-process verify did not finish in 240 s:\n{proc.communicate()[0][-5000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    two_processes(cmd, tmp_path)  # (it fails on a timeout or a nonzero exit code, with the output)
     rows = json.loads((tmp_path / "lightning_logs" / "version_0" / "verify.json").read_text())["rows"]
     parallel = [r for r in rows if r["check"].startswith("data parallel")]
     assert [r["check"] for r in parallel] == ["data parallel float64"] * 4 + ["data parallel float32"] * 4
