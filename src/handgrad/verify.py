@@ -13,7 +13,8 @@ It reads the same config and options as `fit` (configs/default.yaml, then --conf
 first training batch of the configured data, the checks of :mod:`handgrad.verify_checks`: gradients against
 autograd (float64 and the configured precision), finite differences, the SGD step against torch.optim.SGD
 (bitwise), optionally N training steps, and on several processes the all-reduced gradient. The report is printed,
-written to the run folder (lightning_logs/version_N/verify.json, config.yaml) and to TensorBoard (Text, "verify").
+written to the run folder (verify.json, config.yaml in lightning_logs/version_N under --trainer.default_root_dir,
+as for `fit`) and to TensorBoard (Text, "verify"). A line announces each check as it starts.
 Exit code 0 when every check passes, 1 naming the first failing layer and parameter, 2 for bad options.
 """
 
@@ -32,8 +33,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
+from tqdm import tqdm
 
 from handgrad.checkpoints import load_for_checks
 from handgrad.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_on_user_error
