@@ -328,7 +328,7 @@ def write_report(cli: VerifyCLI, report: dict) -> Path:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text("verify", text, 0)
-            logger.experiment.flush()
+        logger.finalize("success")  # as the Trainer ends a run: written to disk, closed (and the run folder let go)
     return run
 
 
