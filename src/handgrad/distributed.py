@@ -32,6 +32,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
+from handgrad.compat import CHECKPOINT_IO_TAKES_WEIGHTS_ONLY
 from handgrad.errors import CheckpointError
 
 
@@ -104,8 +105,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         kwargs = {} if map_location is None else {"map_location": map_location}
+        if CHECKPOINT_IO_TAKES_WEIGHTS_ONLY:
+            kwargs["weights_only"] = weights_only
         try:
-            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+            return super().load_checkpoint(path, **kwargs)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. "
                                   f"lightning_logs/version_N/checkpoints/last.ckpt).") from None
