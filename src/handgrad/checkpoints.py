@@ -22,6 +22,7 @@ import yaml
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from handgrad.compat import CHECKPOINT_IO_TAKES_WEIGHTS_ONLY
 from handgrad.errors import CheckpointError
 
 ARCHITECTURE = ("sizes", "activation")  # the hyperparameters a checkpoint's weights depend on
@@ -60,7 +61,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:
-            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+            if _is_local(path):  # torch's safe loader unless weights_only=False is asked for, on every Lightning
+                with open(path, "rb") as f:  # release (before 2.6 its TorchCheckpointIO takes no weights_only)
+                    return torch.load(f, weights_only=weights_only is not False, **kwargs)
+            if CHECKPOINT_IO_TAKES_WEIGHTS_ONLY:
+                kwargs["weights_only"] = weights_only
+            return super().load_checkpoint(path, **kwargs)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. {WHERE}).") from None
         except Exception as e:
