@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 import yaml
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from handgrad.errors import CheckpointError
@@ -112,6 +113,32 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class StoppedMidEpoch(Callback):
+    """A run stopped inside an epoch (``--trainer.max_steps`` reached, or ``trainer.should_stop``) resumes that
+    epoch where it stopped, as after a kill, instead of going on with the next one.
+
+    Lightning ends the epoch loop when it stops early, so the checkpoints written then (in ``on_train_epoch_end``:
+    last.ckpt) record the epoch as processed, and a resume starts the next epoch: the rest of the stopped one is
+    skipped (10 of 32 batches done, resumed with max_epochs 2: 42 steps instead of 64). Not documented by Lightning,
+    so treated as a defect here. This hook writes the loop state a step checkpoint of the same batch has (written in
+    ``on_train_batch_end``: epoch not processed, the batch not completed, one batch fewer counted for the loggers);
+    the sampler's position (``TensorBatches.state_dict``) already says how many batches were used. The keys are
+    Lightning 2.6's loop state (``_FitLoop`` / ``_TrainingEpochLoop.state_dict``): tests/test_faults.py checks that
+    such a resume equals an uninterrupted run, and fails if they change."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        fit = trainer.fit_loop
+        epochs, batches = fit.epoch_progress.total, fit.epoch_loop.batch_progress
+        in_epoch_end = trainer.training and epochs.processed == epochs.started == epochs.completed + 1
+        if not in_epoch_end or batches.is_last_batch or batches.current.completed >= trainer.num_training_batches:
+            return
+        loops = checkpoint["loops"]["fit_loop"]
+        for part in ("total", "current"):
+            loops["epoch_progress"][part]["processed"] -= 1
+            loops["epoch_loop.batch_progress"][part]["completed"] -= 1
+        loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 # ----------------------------------------------------------------------------- checks

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
@@ -30,8 +31,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from handgrad import run_folder
 from handgrad.callbacks import add_lr_monitor
 from handgrad.checkpoints import ARCHITECTURE, check_architecture, check_resume, load_for_checks
 from handgrad.data import CIFAR10DataModule
@@ -51,6 +54,38 @@ class RunLogger(TensorBoardLogger):
     def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
                  version: Optional[Union[int, str]] = None, default_hp_metric: bool = False, **kwargs):
         super().__init__(save_dir or ".", name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+        self._lock: Optional[int] = None
+        self._claimed = False
+
+    @property
+    def version(self) -> Union[int, str]:
+        """This run's version, its folder made and locked on first use (on global rank 0, which writes the logs):
+        runs started together get a folder each; a folder another live process holds is refused (run_folder)."""
+        if rank_zero_only.rank == 0 and not self._claimed and "://" not in str(self.root_dir):
+            self._version, self._lock = run_folder.claim(Path(self.root_dir), self._version, self._get_next_version)
+            self._claimed = True
+        elif self._version is None:
+            self._version = self._get_next_version()
+        return self._version
+
+    def planned_log_dir(self) -> str:
+        """Where the run's folder is or will be, without making or locking it (the checks before a run)."""
+        if self._version is None:
+            return self.root_dir
+        return os.path.join(self.root_dir, self._version if isinstance(self._version, str)
+                            else f"version_{self._version}")
+
+    def finalize(self, status: str) -> None:
+        """Flush and close the event files and let go of the run folder. After a failure (which is what the user
+        must see), a failure to flush (a full disk) is not raised over it."""
+        try:
+            super().finalize(status)
+        except (OSError, RuntimeError):
+            if status == "success":
+                raise
+        finally:
+            run_folder.release(self._lock)  # (a later use of the logger, e.g. a test after fit, does not re-lock)
+            self._lock = None
 
 
 RUN_LOGGER = f"{__name__}.RunLogger"
@@ -136,6 +171,8 @@ class HandgradCLI(LightningCLI):
             data.trainer = trainer  # the device and dtype the batches need
             data.prepare_data()
             data.setup(self.subcommand or "fit")
+        for logger in trainer.loggers:  # all checked: the run's folder is made and locked now (RunLogger.version)
+            logger.version
 
     def before_fit(self) -> None:
         self.preflight()
