@@ -23,7 +23,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from handgrad.errors import CheckpointError
+from handgrad import folder_lock
+from handgrad.errors import CheckpointError, OutputDirError
 
 ARCHITECTURE = ("sizes", "activation")  # the hyperparameters a checkpoint's weights depend on
 RESUMED_MODEL = ("loss", "lr", "momentum", "dampening", "weight_decay", "nesterov", "backprop", "optimizer")
@@ -53,10 +54,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes 0600)
             os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if is_disk_full(err):
+                raise disk_full_error(path.parent, f"writing checkpoint {path.name}") from None
             raise
         _fsync_dir(path.parent)
+        AtomicCheckpointIO.last_written = path
+
+    last_written: Optional[Path] = None  # the checkpoint this process wrote last (the last good one)
 
     def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         kwargs = {} if map_location is None else {"map_location": map_location}
@@ -73,6 +79,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(
                 f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it is truncated or corrupt. Resume "
                 f"from another checkpoint (e.g. a best-*.ckpt beside it) or start without --ckpt_path.") from None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` comes from a full disk (or quota): an OSError ENOSPC/EDQUOT in it or in what it was raised
+    while handling, e.g. torch.save's ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``,
+    raised while the file object's OSError(ENOSPC) is handled."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if folder_lock.is_disk_full(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_error(folder: Optional[Path], doing: str) -> OutputDirError:
+    """'the disk holding <folder> is full ... while <doing>; the last good checkpoint is ...': what the run
+    keeps (every checkpoint is written atomically, so those on disk are whole) and how to go on."""
+    last = AtomicCheckpointIO.last_written
+    if (last is None or not last.is_file()) and folder is not None and Path(folder).is_dir():
+        saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        last = saved[-1] if saved else None
+    keep = (f"the last good checkpoint is {last} (the checkpoints on disk are intact); free some space, then resume "
+            f"with --ckpt_path {last}") if last else "no checkpoint of this run was written; free some space and start again"
+    full = folder_lock.disk_full(Path(folder), doing, None) if folder is not None else \
+        f"the disk is full (No space left on device) while {doing}"
+    return OutputDirError(f"{full}; {keep} (or write elsewhere with --trainer.default_root_dir DIR).")
 
 
 def _remove_dead_writers_files(folder: Path, prefix: str) -> None:

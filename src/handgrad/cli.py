@@ -18,9 +18,11 @@ import csv
 import logging
 import os
 import sys
+import threading
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,7 +38,8 @@ from torch import Tensor
 
 from handgrad import run_folder
 from handgrad.callbacks import add_lr_monitor
-from handgrad.checkpoints import ARCHITECTURE, check_architecture, check_resume, load_for_checks
+from handgrad.checkpoints import (ARCHITECTURE, check_architecture, check_resume, disk_full_error, is_disk_full,
+                                  load_for_checks)
 from handgrad.data import CIFAR10DataModule
 from handgrad.errors import ConfigError, HandgradError, check_precision
 from handgrad.module import HandgradClassifier
@@ -293,11 +296,30 @@ def check_config_files(args: list[str]) -> None:
 def exit_on_user_error():
     """A :class:`HandgradError` (bad option, missing data, unusable checkpoint, diverged run) ends the program with
     one line ``error: ...`` on stderr and the error's exit code (2; 1 for a diverged run), without a traceback."""
+    hook = threading.excepthook
+    threading.excepthook = partial(quiet_disk_full_in_threads, hook)
     try:
         yield
     except HandgradError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception as err:  # noqa: BLE001 (a full disk, whatever wrapped its OSError: Lightning's loggers do)
+        if not is_disk_full(err):
+            raise
+        where = Path(err.filename).parent if getattr(err, "filename", None) else run_folder.last_claimed
+        err = disk_full_error(where, "writing the run's logs (TensorBoard events, config.yaml, hparams.yaml)")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    finally:
+        threading.excepthook = hook
+
+
+def quiet_disk_full_in_threads(hook, args) -> None:
+    """TensorBoard writes its event files in a thread: when the disk is full, the thread dies with a traceback and
+    the next write in the main thread raises the same OSError, which becomes the one `error:` line. Other
+    exceptions in threads go to ``hook`` (printed as usual)."""
+    if not is_disk_full(args.exc_value):
+        hook(args)
 
 
 # Lightning notices that say nothing about this project's runs, silenced by their text (the only handle Python's

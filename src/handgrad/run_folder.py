@@ -52,6 +52,8 @@ def claim(root: Path, version: Optional[Union[int, str]], next_version) -> tuple
             f"{folder} to continue in a new run folder.") from None
     if fd is not None:
         HELD[fd] = folder
+    global last_claimed
+    last_claimed = folder
     return version, fd
 
 
@@ -61,5 +63,6 @@ def release(fd: Optional[int]) -> None:
         folder_lock.release(HELD.pop(fd), fd)
 
 
+last_claimed: Optional[Path] = None  # the run folder this process writes (for messages)
 HELD: dict[int, Path] = {}  # lock fd -> run folder, of the run folders this process holds
 atexit.register(lambda: [release(fd) for fd in list(HELD)])  # the kernel would let go too; this removes the files
