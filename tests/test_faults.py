@@ -150,6 +150,22 @@ def test_resume_at_an_epoch_end_and_mid_epoch_is_exact(data_dir, uninterrupted, 
     assert_same_final_state(full, resumed)
 
 
+def test_a_run_stopped_by_max_steps_resumes_its_epoch_where_it_stopped(data_dir, uninterrupted, tmp_path, monkeypatch):
+    """--trainer.max_steps 6 stops in the middle of epoch 1 (4 steps per epoch); resumed with max_epochs 5 it does
+    the 2 remaining batches of epoch 1, then epochs 2-4: 20 steps, bitwise the uninterrupted run (Lightning alone
+    would start epoch 2 and end at step 18: handgrad.checkpoints.StoppedMidEpoch)."""
+    monkeypatch.chdir(tmp_path)
+    # last.ckpt only after validation or, as here, when the run stops (not after every step: that one is exact)
+    stopped = train.main(fit_args(data_dir, *RESUMABLE, "--trainer.max_steps", "6",
+                                  "--last_checkpoint.every_n_train_steps", "null"))
+    assert stopped.trainer.global_step == 6
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    resumed = train.main(fit_args(data_dir, *RESUMABLE, "--ckpt_path", str(last)))
+    full, _ = uninterrupted
+    assert_same_final_state(full, resumed)
+
+
 # ------------------------------------------------------------------ atomic checkpoint writes
 
 def test_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
