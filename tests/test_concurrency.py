@@ -19,6 +19,7 @@ import yaml
 
 from conftest import write_image_folder
 from handgrad import run_folder
+from handgrad.cli import RunLogger
 from handgrad.checkpoints import load_for_checks
 from handgrad.errors import OutputDirError
 
@@ -120,3 +121,17 @@ def test_a_held_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_pat
     version, fd = run_folder.claim(root, None, lambda: 0)
     assert version == 1
     run_folder.release(fd)
+
+
+def test_two_run_loggers_in_one_folder_never_share_a_version(tmp_path):
+    """The logger of fit and of the sweep: its folder is made when its version is first asked for, so a second
+    logger in the same place (another process, or here another run of this one) takes the next number, also before
+    the first has written anything. Lightning's TensorBoardLogger gives both version 0."""
+    first, second = RunLogger(str(tmp_path)), RunLogger(str(tmp_path))
+    assert first.planned_log_dir() == second.planned_log_dir() == str(tmp_path / "lightning_logs")  # nothing made
+    assert not (tmp_path / "lightning_logs").exists()
+    assert (first.version, second.version) == (0, 1)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert (Path(first.log_dir) / ".handgrad-lock").is_file()
+    first.finalize("success"), second.finalize("success")
+    assert not (Path(first.log_dir) / ".handgrad-lock").exists()

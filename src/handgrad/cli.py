@@ -52,7 +52,10 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 class RunLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger with this project's defaults: runs in <save_dir>/lightning_logs/version_N, where
     save_dir None (the default) means --trainer.default_root_dir, else the working directory (Lightning's convention
-    for its own default logger); and no hp_metric placeholder (the HPARAMS tab shows hp/val_acc and hp/test_acc)."""
+    for its own default logger); and no hp_metric placeholder (the HPARAMS tab shows hp/val_acc and hp/test_acc).
+    Its version_N folder is reserved and locked when the version is first asked for (:mod:`handgrad.run_folder`),
+    which the CLI does after its checks: runs (and sweeps, whose default logger this is too) started together in one
+    folder never share it; Lightning's would pick the same N for each."""
 
     def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
                  version: Optional[Union[int, str]] = None, default_hp_metric: bool = False, **kwargs):
@@ -64,6 +67,8 @@ class RunLogger(TensorBoardLogger):
     def version(self) -> Union[int, str]:
         """This run's version, its folder made and locked on first use (on global rank 0, which writes the logs):
         runs started together get a folder each; a folder another live process holds is refused (run_folder)."""
+        # (_version, _get_next_version: TensorBoardLogger's own, the version asked for and 1 + the highest
+        # version_* on disk; tests/test_concurrency.py fails if they change)
         if rank_zero_only.rank == 0 and not self._claimed and "://" not in str(self.root_dir):
             self._version, self._lock = run_folder.claim(Path(self.root_dir), self._version, self._get_next_version)
             self._claimed = True
