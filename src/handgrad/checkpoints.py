@@ -99,10 +99,11 @@ def disk_full_error(folder: Optional[Path], doing: str) -> OutputDirError:
     keeps (every checkpoint is written atomically, so those on disk are whole) and how to go on."""
     last = AtomicCheckpointIO.last_written
     if (last is None or not last.is_file()) and folder is not None and Path(folder).is_dir():
-        saved = sorted(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        saved = sorted(Path(folder).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         last = saved[-1] if saved else None
     keep = (f"the last good checkpoint is {last} (the checkpoints on disk are intact); free some space, then resume "
-            f"with --ckpt_path {last}") if last else "no checkpoint of this run was written; free some space and start again"
+            f"with --ckpt_path {last}") if last else \
+        "no checkpoint of this run was written; free some space and start again"
     full = folder_lock.disk_full(Path(folder), doing, None) if folder is not None else \
         f"the disk is full (No space left on device) while {doing}"
     return OutputDirError(f"{full}; {keep} (or write elsewhere with --trainer.default_root_dir DIR).")
