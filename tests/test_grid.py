@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from handgrad.grid import (GridClassifier, GridMLP, GridSGD, HPARAMS, expand_grid, grid_backward,
-                           member_name, select_best)
+from handgrad.grid import GridMLP, GridSGD, grid_backward
+from handgrad.grid_module import GridClassifier
+from handgrad.search import HPARAMS, expand_grid, member_name, select_best
 from handgrad.activations import ACTIVATIONS
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
@@ -424,9 +425,9 @@ def test_checkpoint_holds_momentum_buffers_and_resume_is_exact(tmp_path):
     assert len(bufs) == 2 * (len(SIZES) - 1) and bufs[0].shape[0] == len(MEMBERS)
     assert saved["optimizer_states"][0]["param_groups"][0]["momentum"] == [m.get("momentum", 0.0) for m in MEMBERS]
 
-    # Lightning restores the weights before the precision plugin casts the module to float64: build it in
-    # float64 already, or the checkpoint's float64 weights are rounded through float32 on the way in.
-    resumed = GridClassifier(members=MEMBERS, sizes=SIZES, init_seed=SEED).double()
+    # built in float32 as the sweep builds it: setup() widens it under 64-true before Lightning restores the
+    # checkpoint's float64 weights (else they would be rounded through float32 on the way in)
+    resumed = GridClassifier(members=MEMBERS, sizes=SIZES, init_seed=SEED)
     trainer(2).fit(resumed, datamodule=data, ckpt_path=ckpt)
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n

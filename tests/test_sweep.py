@@ -6,6 +6,8 @@ import csv
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ import torch
 import yaml
 
 from handgrad import outputs, sweep
-from handgrad.grid import GridClassifier, expand_grid, member_name
-from handgrad.module import ConfigError
+from handgrad.errors import ConfigError
+from handgrad.grid_module import GridClassifier
+from handgrad.search import expand_grid, member_name
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "grid.yaml"
@@ -51,11 +54,17 @@ def scalars(run_dir: Path) -> dict:
 
 
 def test_grid_config_is_the_reference_grid():
+    """configs/grid.yaml holds only what differs from configs/default.yaml; the sweep starts from default.yaml."""
     cfg = yaml.safe_load(CONFIG.read_text())
     members = [(m["lr"], m["momentum"], m["weight_decay"]) for m in cfg["model"]["members"]]
     assert members == REFERENCE
-    assert cfg["trainer"]["max_epochs"] == 30 and cfg["data"]["batch_size"] == 256
-    assert isinstance(cfg["model"]["init_seed"], int) and cfg["data"]["classes"] == ["airplane", "bird"]
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    for section in ("trainer", "data"):
+        assert not {k: v for k, v in cfg.get(section, {}).items() if default[section].get(k) == v}, section
+    resolved = sweep.SweepCLI(args=["--config", str(CONFIG)]).config  # what the sweep runs with
+    assert resolved.trainer.max_epochs == 30 and resolved.data.batch_size == 256
+    assert isinstance(resolved.model.init_seed, int) and resolved.data.classes == ["airplane", "bird"]
+    assert resolved.model.sizes == [3072, 512, 128, 32, 2] and resolved.seed_everything == 265
 
 
 def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_path, monkeypatch, capsys):
@@ -133,25 +142,55 @@ def test_diverging_member_is_reported_failed_and_the_others_finish(image_folder,
     assert statuses[0] == statuses[1]  # batched and one-by-one agree on when it failed
 
 
-def test_members_split_over_two_devices_match_one_device(image_folder, tmp_path, monkeypatch):
-    """--trainer.devices 2 on CPU: two worker processes with 2 + 1 members, merged here."""
+def sweep_command(*args) -> list[str]:
+    """``python -m handgrad.sweep ARGS`` as a user starts it (Lightning's ddp launcher runs it again per device)."""
+    return [sys.executable, "-m", "handgrad.sweep", *args]
+
+
+def torchrun_command(*args) -> list[str]:
+    """``torchrun --standalone --nproc_per_node 2 train.py sweep ARGS``."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"), "sweep", *args]
+
+
+def run_processes(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_give_the_one_process_results(image_folder, tmp_path, monkeypatch):
+    """Members spread over 2 ranks (Lightning's ddp launcher; torchrun), 2 members per step: the same table, every
+    member's numbers equal to 1e-12 (float64), the same selected member and weights as one process with one chunk."""
     root, _ = image_folder
     monkeypatch.chdir(tmp_path)
     members = '[{lr: 0.01}, {lr: 0.01, momentum: 0.9}, {lr: 0.02, momentum: 0.8, weight_decay: 0.01}]'
-    args = sweep_args(root, "--model.members", members, "--trainer.precision", "64-true",
-                      "--trainer.accelerator", "cpu")
+    args = sweep_args(root, "--model.members", members, "--trainer.precision", "64-true", "--trainer.accelerator", "cpu")
     one = sweep.main(args)
-    two = sweep.main(args + ["--trainer.devices", "2"])
-    assert two["mode"] == "batched, split over 2 devices"
-    assert sorted(p.name for p in Path(two["log_dir"]).glob("worker_*.pt")) == ["worker_0.pt", "worker_1.pt"]
-    for name in one["history"]:
-        for a, b in zip(one["history"][name], two["history"][name], strict=True):
-            assert a == pytest.approx(b, rel=1e-12)
-    assert one["best"] == two["best"]
-    assert one["rows"][one["best"]]["test_acc"] == pytest.approx(two["rows"][two["best"]]["test_acc"], abs=1e-12)
-    w_one, w_two = selected_weights(one["log_dir"]), selected_weights(two["log_dir"])
-    for k in w_one:
-        torch.testing.assert_close(w_one[k], w_two[k], rtol=1e-12, atol=1e-15)
+    two = [*args, "--model.members_per_step", "2", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    run_processes(sweep_command(*two, "--trainer.logger.init_args.version", "ddp"), tmp_path)
+    run_processes(torchrun_command(*two, "--trainer.logger.init_args.version", "torchrun"), tmp_path)
+    expected = read_csv(Path(one["log_dir"]) / "results.csv")
+    w_one = selected_weights(one["log_dir"])
+    for version in ("ddp", "torchrun"):
+        log_dir = tmp_path / "lightning_logs" / "sweep" / version
+        assert sorted(p.name for p in (log_dir / "chunks").glob("chunk_*.json")) == ["chunk_0000.json",
+                                                                                     "chunk_0001.json"]
+        rows = read_csv(log_dir / "results.csv")
+        assert [r["selected"] for r in rows] == [r["selected"] for r in expected] and len(rows) == 3
+        for r, e in zip(rows, expected):
+            for column in sweep.COLUMNS:
+                if column in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "test_acc") and e[column]:
+                    assert float(r[column]) == pytest.approx(float(e[column]), rel=1e-12, abs=1e-12), (version, column)
+                else:
+                    assert r[column] == e[column], (version, column)
+        w_two = selected_weights(log_dir)
+        for k in w_one:
+            torch.testing.assert_close(w_one[k], w_two[k], rtol=1e-12, atol=1e-15)
+        member = expand_grid(members=yaml.safe_load(members))[2]  # trained on rank 1, its run written by rank 0
+        assert len(scalars(log_dir / member_name(2, member))["val/acc"]) == 2
 
 
 def test_bad_grid_is_explained(image_folder, tmp_path, monkeypatch):
@@ -228,8 +267,8 @@ def test_results_table_shows_booleans_as_the_config_writes_them():
                "val_acc": [[0.875, 0.5]]}
     rows = sweep.results_table(members, history, failed_epoch=[-1, -1], best=0, test={"test_acc": 0.8125})
     assert sweep.markdown(rows).splitlines()[2:] == [
-        "| 0 | 0.01 | 0.9 | 0 | 0 | true | ok | 0.5000 | 0.7500 | 0.1250 | 0.8750 | 0.8125 | yes |",
-        "| 1 | 0.1 | 0 | 0.001 | 0.5 | false | ok | 0.2500 | 0.5000 | 2.0000 | 0.5000 |  |  |",
+        "| 0 | 0.01 | 0.9 | 0 | 0 | true |  | ok | 0.5000 | 0.7500 | 0.1250 | 0.8750 | 0.8750 | 0 | 0.8125 | yes |",
+        "| 1 | 0.1 | 0 | 0.001 | 0.5 | false |  | ok | 0.2500 | 0.5000 | 2.0000 | 0.5000 | 0.5000 | 0 |  |  |",
     ]
 
 
@@ -244,11 +283,11 @@ def test_selected_checkpoint_is_tested_again_by_train_py(image_folder, tmp_path,
     ckpt = log_dir / "selected.ckpt"
     assert result["selected_ckpt"] == ckpt and f"selected checkpoint: {ckpt}" in out
 
-    # the reference: member `best` of the grid's own last checkpoint, written by Lightning during the sweep
-    [grid_ckpt] = (log_dir / "checkpoints").glob("epoch=1-*.ckpt")
+    # the reference: member `best` of the grid's final weights, as the sweep saved its chunk of members
+    [chunk] = (log_dir / "chunks").glob("chunk_*.pt")
     grid = GridClassifier(members=[{"lr": lr, "momentum": m, "weight_decay": wd} for lr, m, wd in REFERENCE],
                           sizes=[3072, 16, 2])
-    grid.load_state_dict(torch.load(grid_ckpt, weights_only=True, map_location="cpu")["state_dict"])
+    grid.net.load_state_dict(torch.load(chunk, weights_only=True, map_location="cpu")["final"])
     reference = grid.net.member(best).state_dict()
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert sorted(saved["state_dict"]) == sorted(f"mlp.{k}" for k in reference)
@@ -272,3 +311,26 @@ def test_reference_grid_on_real_images(real_cifar, tmp_path, monkeypatch):
                          "--trainer.enable_progress_bar", "false"])
     best = result["rows"][result["best"]]
     assert best["val_acc"] >= 0.84 and best["test_acc"] >= 0.845
+
+
+def test_validation_every_second_epoch_keeps_its_curves_and_histories_agree(image_folder, tmp_path, monkeypatch):
+    """Issue 11, bug 2: with validation every 2nd epoch the member runs keep their val curves (at the steps where
+    validation ran), and the batched and --sequential histories hold the same rows (no stale val rows)."""
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    members = '[{lr: 0.01}, {lr: 0.02, momentum: 0.9}]'
+    args = sweep_args(root, "--model.members", members, "--trainer.check_val_every_n_epoch", "2",
+                      "--trainer.precision", "64-true", epochs=3)
+    results = [sweep.main(args), sweep.main(args + ["--sequential"])]
+    for result in results:
+        assert [len(result["history"][name]) for name in ("train_loss", "train_acc", "val_loss", "val_acc")] == \
+            [3, 3, 1, 1]
+        for k, m in enumerate(expand_grid(members=yaml.safe_load(members))):
+            s = scalars(Path(result["log_dir"]) / member_name(k, m))
+            assert [step for step, _ in s["val/acc"]] == [8]  # after epoch 2 of 4 steps each
+            assert [step for step, _ in s["train/loss"]] == [4, 8, 12]
+            assert s["val/acc"][0][1] == pytest.approx(result["history"]["val_acc"][0][k], abs=1e-6)
+    batched, sequential = results
+    for name in ("train_loss", "val_loss", "val_acc"):
+        for b, q in zip(batched["history"][name], sequential["history"][name], strict=True):
+            assert b == pytest.approx(q, rel=1e-6, abs=1e-6), name
