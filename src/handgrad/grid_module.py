@@ -315,8 +315,10 @@ class GridClassifier(L.LightningModule):
         if self.hparams.keep_best:
             self._keep_best(loss, acc)
         finite = [a for a in acc if math.isfinite(a)]
+        # sync_dist: the identity on the one-device strategy the grid trains on; it keeps Lightning from warning
+        # when the sweep's ranks share a process group (each rank's grid holds other members: nothing to reduce)
         self.log_dict({"grid/members_alive": float(len(finite)),
-                       "grid/best_val_acc": max(finite) if finite else math.nan}, prog_bar=True)
+                       "grid/best_val_acc": max(finite) if finite else math.nan}, prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
     def _keep_best(self, loss: list[float], acc: list[float]) -> None:

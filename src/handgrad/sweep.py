@@ -26,8 +26,6 @@ and ``python -m handgrad.sweep`` print them as one line ``error: ...`` and exit 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import warnings
@@ -54,14 +52,13 @@ from handgrad.mlp import MLP
 from handgrad.module import HandgradClassifier
 from handgrad.outputs import check_output_dirs
 from handgrad.search import HPARAMS, expand_grid, select_best  # noqa: F401  (select_best: the rule, re-exported)
-from handgrad.sweep_ranks import Ranks, chunks_of, default_members_per_step
+from handgrad.sweep_chunks import chunk_plan, merged_outcome, save_chunk
+from handgrad.sweep_ranks import Ranks, default_members_per_step
 from handgrad.sweep_report import (COLUMNS, CONFIG_COLUMNS, RULES, by_config, log_member_hparams, markdown,  # noqa: F401
                                    results_table, retest_command, select, write_member_curves, write_results)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # in a source checkout
 SELECTED_CKPT = "selected.ckpt"  # the selected member as a HandgradClassifier checkpoint, in the log directory
-NOT_RESULTS = ("devices", "num_nodes", "strategy", "accelerator", "logger", "enable_progress_bar",
-               "enable_model_summary", "default_root_dir", "callbacks")  # trainer options that leave results alone
 
 
 class SweepModel:
@@ -172,6 +169,9 @@ def check(cli: SweepCLI, args: list[str]) -> None:
     if cli.config.sequential and model.init_seed is None:
         raise ConfigError("--sequential needs --model.init_seed (an int): every member must start from the same "
                           "weights; e.g. --model.init_seed 265")
+    if cli.config.sequential and cli.config.select == "best_epoch":
+        raise ConfigError("--select best_epoch keeps each member's best-epoch weights in the batched grid; "
+                          "--sequential keeps only the last ones: leave out one of the two")
     check_precision(trainer.precision)
     check_sizes_fit_data(model.sizes, cli.datamodule)
     strategy, name = trainer.strategy, str(cli.config.trainer.strategy)
@@ -215,6 +215,13 @@ def chunk_trainer(cli: SweepCLI, ranks: Ranks, **kwargs) -> L.Trainer:
     return cli.instantiate_trainer(**(options | kwargs))
 
 
+def save_config(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> None:
+    """The sweep's options as ``config.yaml`` in its log folder (``--config`` it to run the same sweep again)."""
+    if ranks.rank == 0:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        cli.parser.save(cli.config, log_dir / "config.yaml", overwrite=True)
+
+
 def loaders(data, trainer: L.Trainer, stage: str) -> list:
     """The datamodule's loaders for ``trainer`` (its device and dtype; one process: the full training set).
 
@@ -244,60 +251,15 @@ def train_chunk(cli: SweepCLI, ranks: Ranks, chunk: int, indices: list[int]) -> 
             "best": dict(zip(names, (b.cpu() for b in model.best_weights))) if model.best_weights else None}
 
 
-def fingerprint(cli: SweepCLI) -> str:
-    """What fixes the results of a chunk (the options but where and how it runs), as a short hash."""
-    config = cli.config.clone().as_dict()
-    for key in NOT_RESULTS:
-        config["trainer"].pop(key, None)
-    for key in ("members_per_step",):
-        config["model"].pop(key, None)
-    config.pop("config", None)
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def chunk_plan(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> tuple[list[list[int]], list[int]]:
-    """The chunks of the sweep and those still to train. K is the smallest of the ranks' choices (the same on
-    every rank); a rerun into a log folder with ``chunks/plan.json`` keeps that plan and skips finished chunks."""
+def run_chunks(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> Optional[dict]:
+    """Every rank trains its chunks; rank 0 saves each as it arrives. Returns the merged outcome on rank 0."""
     spec, data = cli.model, cli.datamodule
     dtype = torch.float64 if str(cli.trainer.precision) == "64-true" else torch.float32
     k = spec.members_per_step or default_members_per_step(cli.trainer.strategy.root_device, spec.sizes,
                                                           getattr(data, "hparams", {}).get("batch_size", 256), dtype,
                                                           cli.config.select == "best_epoch")
-    k = ranks.all_min(min(k, len(spec.members)))
-    plan = None
-    if ranks.rank == 0:
-        folder = log_dir / "chunks"
-        plan_file = folder / "plan.json"
-        plan = {"fingerprint": fingerprint(cli), "members": len(spec.members), "members_per_step": k}
-        if plan_file.is_file():
-            saved = json.loads(plan_file.read_text())
-            if {key: saved.get(key) for key in ("fingerprint", "members")} != {key: plan[key] for key in ("fingerprint", "members")}:
-                raise ConfigError(f"{log_dir} holds the chunks of a sweep with other options: resume it with the "
-                                  f"options of its config.yaml, or write into a new folder (leave out "
-                                  f"--trainer.logger.init_args.version)")
-            plan["members_per_step"] = saved["members_per_step"]
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            plan_file.write_text(json.dumps(plan))
-        plan["done"] = sorted(int(p.stem.split("_")[1]) for p in folder.glob("chunk_*.json"))
-    plan = ranks.broadcast(plan)
-    chunks = chunks_of(len(spec.members), plan["members_per_step"])
-    return chunks, [c for c in range(len(chunks)) if c not in plan["done"]]
-
-
-def save_chunk(log_dir: Path, result: dict) -> None:
-    """``chunks/chunk_NNNN.pt`` (the weights) then ``chunk_NNNN.json`` (histories; its presence marks the chunk
-    done), each written atomically."""
-    name = log_dir / "chunks" / f"chunk_{result['chunk']:04d}"
-    AtomicCheckpointIO().save_checkpoint({k: result[k] for k in ("members", "final", "best")}, name.with_suffix(".pt"))
-    tmp = name.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: result[k] for k in ("members", "history", "steps", "failed_epoch", "global_step")}))
-    tmp.replace(name.with_suffix(".json"))
-
-
-def run_chunks(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> Optional[dict]:
-    """Every rank trains its chunks; rank 0 saves each as it arrives. Returns the merged outcome on rank 0."""
-    chunks, todo = chunk_plan(cli, ranks, log_dir)
+    chunks, todo = chunk_plan(cli, ranks, log_dir, ranks.all_min(min(k, len(spec.members))))
+    save_config(cli, ranks, log_dir)
     if ranks.rank == 0 and len(todo) < len(chunks):
         print(f"resuming the sweep in {log_dir}: {len(chunks) - len(todo)} of {len(chunks)} chunks are done")
     if ranks.local_rank == 0:  # decode the images once per machine; the other ranks read the cache
@@ -313,22 +275,6 @@ def run_chunks(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> Optional[dict]:
                 save_chunk(log_dir, got)
                 write_member_curves(log_dir, members, got["members"], got["history"], got["steps"])
     return merged_outcome(cli, log_dir, chunks) if ranks.rank == 0 else None
-
-
-def merged_outcome(cli: SweepCLI, log_dir: Path, chunks: list[list[int]]) -> dict:
-    """The saved chunks as one outcome: histories [row][member], failures, and the weights of one member."""
-    parts = [json.loads((log_dir / "chunks" / f"chunk_{c:04d}.json").read_text()) for c in range(len(chunks))]
-    history = {name: [sum((p["history"][name][row] for p in parts), []) for row in range(len(parts[0]["history"][name]))]
-               for name in METRICS}
-    k_per_chunk = len(chunks[0])
-
-    def weights(k: int, best: bool) -> dict:
-        saved = torch.load(log_dir / "chunks" / f"chunk_{k // k_per_chunk:04d}.pt", map_location="cpu", weights_only=True)
-        state = saved["best" if best else "final"]
-        return {name: v[k % k_per_chunk] for name, v in state.items()}
-
-    return {"history": history, "steps": parts[0]["steps"], "failed_epoch": sum((p["failed_epoch"] for p in parts), []),
-            "global_step": max(p["global_step"] for p in parts), "weights": weights, "test": None}
 
 
 class EpochHistory(Callback):
@@ -373,6 +319,7 @@ def run_sequential(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> dict:
     from handgrad.errors import NonFiniteLossError
 
     spec, members = cli.model, cli.model.members
+    save_config(cli, ranks, log_dir)
     per_member, failed, fitted = [], [], []
     for k, m in enumerate(members):
         torch.manual_seed(m.get("seed", spec.init_seed))  # the grid's initial weights: MLP(sizes) after this seed
@@ -416,7 +363,7 @@ def member_mlp(cli: SweepCLI, state: dict) -> MLP:
     return mlp
 
 
-def test_member(cli: SweepCLI, ranks: Ranks, member: dict, state: dict) -> dict:
+def evaluate_on_test(cli: SweepCLI, ranks: Ranks, member: dict, state: dict) -> dict:
     """The test set's loss and accuracy of one member's weights, on one device of rank 0."""
     spec = cli.model
     model = GridClassifier(members=[member], sizes=spec.sizes, activation=spec.activation, init_seed=spec.init_seed)
@@ -481,9 +428,7 @@ def run(cli: SweepCLI) -> dict:
     ranks = Ranks(trainer.strategy if trainer.strategy.world_size > 1 else None)
     log_dir = None
     if ranks.rank == 0:
-        log_dir = Path(trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        cli.parser.save(cli.config, log_dir / "config.yaml", skip_none=False, overwrite=True)
+        log_dir = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
     log_dir = Path(ranks.broadcast(str(log_dir)))
     mode = "sequential" if cli.config.sequential else "batched"
     if ranks.world > 1:
@@ -511,7 +456,7 @@ def report(cli: SweepCLI, ranks: Ranks, log_dir: Path, outcome: dict, mode: str)
         state = outcome["weights"](best, use_best)
     else:
         state = outcome["weights"](best, use_best)
-        test = test_member(cli, ranks, members[best], state)
+        test = evaluate_on_test(cli, ranks, members[best], state)
     b["test_acc"], b["selected"] = test.get("test_acc", math.nan), True
     config_rows = by_config(rows) if cli.model.members[0].get("seed") is not None else None
     csv_path, md_path = write_results(log_dir, rows, config_rows)
