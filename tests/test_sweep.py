@@ -334,3 +334,60 @@ def test_validation_every_second_epoch_keeps_its_curves_and_histories_agree(imag
     for name in ("train_loss", "val_loss", "val_acc"):
         for b, q in zip(batched["history"][name], sequential["history"][name], strict=True):
             assert b == pytest.approx(q, rel=1e-6, abs=1e-6), name
+
+
+def test_selection_rules_and_seed_means():
+    """--select last|best_epoch on hand-made histories; with repeated seeds a configuration wins by its mean."""
+    members = expand_grid(members=[{"lr": 0.01}, {"lr": 0.1}], seeds=[1, 2])  # A1 A2 B1 B2
+    history = {"train_loss": [[0.5] * 4] * 2, "train_acc": [[0.5] * 4] * 2,
+               "val_acc": [[0.95, 0.9, 0.7, 0.8], [0.6, 0.5, 0.8, 0.7]], "val_loss": [[0.3, 0.3, 0.2, 0.1]] * 2}
+    steps = {"train_step": [4, 8], "val_epoch": [0, 1], "val_step": [4, 8]}
+    rows = sweep.results_table(members, history, [-1] * 4, None, {}, steps)
+    assert [r["best_val_acc"] for r in rows] == [0.95, 0.9, 0.8, 0.8] and [r["best_epoch"] for r in rows] == [0, 0, 1, 0]
+    # last: A's mean 0.55 < B's 0.75, then B's better seed; best_epoch: A's mean 0.925 > B's 0.8, then A's better seed
+    assert sweep.select(rows, "last") == 2 and sweep.select(rows, "best_epoch") == 0
+    rows[2]["selected"], rows[2]["test_acc"] = True, 0.75
+    by = sweep.by_config(rows)
+    assert [r["seeds"] for r in by] == ["1 2", "1 2"] and [r["selected"] for r in by] == [False, True]
+    assert by[0]["val_acc_mean"] == pytest.approx(0.55) and by[0]["val_acc_std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert by[1]["best_val_acc_mean"] == pytest.approx(0.8) and by[1]["best_val_acc_std"] == 0
+    md = sweep.markdown(by, sweep.CONFIG_COLUMNS).splitlines()
+    assert md[3].startswith("| 1 | 0.1 | 0 | 0 | 0 | false | 1 2 | ok | 0.5000 ± 0.0000 |") and "| 0.7500 | yes |" in md[3]
+    one_seed = expand_grid(members=[{"lr": 0.01}, {"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}])  # members compete alone
+    rows = sweep.results_table(one_seed, history, [-1] * 4, None, {}, steps)
+    assert sweep.select(rows, "last") == 2 and sweep.select(rows, "best_epoch") == 0
+
+
+def test_seeds_and_best_epoch_selection_end_to_end(image_folder, tmp_path, monkeypatch, capsys):
+    """Repeated seeds give mean ± std columns; --select best_epoch saves the selected member's best-epoch weights,
+    which `train.py validate|test --ckpt_path selected.ckpt` evaluate to the table's numbers; the sweep logs under
+    --trainer.default_root_dir."""
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    result = sweep.main(sweep_args(root, "--model.members", "[{lr: 0.05}, {lr: 0.5, momentum: 0.9}]",
+                                   "--model.seeds", "[1, 2]", "--select", "best_epoch",
+                                   "--trainer.default_root_dir", "out", epochs=3))
+    log_dir, best, rows = Path(result["log_dir"]), result["best"], result["rows"]
+    assert log_dir == Path("out/lightning_logs/sweep/version_0") and not (tmp_path / "lightning_logs").exists()
+    by = read_csv(log_dir / "results_by_config.csv")
+    assert [r["seeds"] for r in by] == ["1 2", "1 2"] and "val_acc_mean" in by[0] and "val_acc_std" in by[0]
+    for c, r in enumerate(by):
+        values = [rows[k]["best_val_acc"] for k in (2 * c, 2 * c + 1)]
+        assert float(r["best_val_acc_mean"]) == pytest.approx(sum(values) / 2)
+        assert float(r["best_val_acc_std"]) == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    assert " ± " in (log_dir / "results_by_config.md").read_text()
+    assert all(r["best_val_acc"] >= r["val_acc"] for r in rows)
+    assert rows[best]["best_epoch"] < 2 and rows[best]["best_val_acc"] > rows[best]["val_acc"]  # not the last weights
+    # selected.ckpt: the best-epoch weights of the selected member, as the chunk saved them
+    [chunk] = (log_dir / "chunks").glob("chunk_*.pt")
+    saved = torch.load(chunk, weights_only=True, map_location="cpu")["best"]
+    ckpt = torch.load(log_dir / "selected.ckpt", weights_only=True, map_location="cpu")
+    for name, w in saved.items():
+        assert torch.equal(ckpt["state_dict"][f"mlp.{name}"], w[best]), name
+    assert ckpt["epoch"] == rows[best]["best_epoch"] and ckpt["handgrad_sweep"]["select"] == "best_epoch"
+    for command, metric, expected in (("validate", "val/acc", rows[best]["best_val_acc"]),
+                                      ("test", "test/acc", rows[best]["test_acc"])):
+        cli = train.main([command, "--config", str(REPO / "configs" / "airplane_bird.yaml"), "--data.data_dir",
+                          str(root), "--ckpt_path", str(log_dir / "selected.ckpt"), "--trainer.enable_progress_bar",
+                          "false", "--trainer.default_root_dir", "out"])
+        assert float(cli.trainer.callback_metrics[metric]) == pytest.approx(expected, abs=1e-6), command

@@ -123,7 +123,7 @@ def markdown(rows: list[dict], columns=COLUMNS) -> str:
     def cell(r, c):
         if c in SUMMED and columns is CONFIG_COLUMNS:
             mean, std = r[f"{c}_mean"], r[f"{c}_std"]
-            return "" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+            return "" if math.isnan(mean) else f"{_fmt(c, mean)} ± {_fmt(c, std)}"
         return _fmt(c, r[c])
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
