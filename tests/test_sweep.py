@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import math
 import os
@@ -391,3 +392,29 @@ def test_seeds_and_best_epoch_selection_end_to_end(image_folder, tmp_path, monke
                           str(root), "--ckpt_path", str(log_dir / "selected.ckpt"), "--trainer.enable_progress_bar",
                           "false", "--trainer.default_root_dir", "out"])
         assert float(cli.trainer.callback_metrics[metric]) == pytest.approx(expected, abs=1e-6), command
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys
+from handgrad import sweep
+peaks = []
+for samples in ("16", "200"):
+    result = sweep.main(json.loads(sys.argv[1]) + ["--model.samples", samples])
+    peaks.append([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(result["rows"]), str(result["log_dir"])])
+print("PEAKS", json.dumps(peaks))
+"""
+
+
+def test_200_member_random_search_in_bounded_memory(image_folder, tmp_path):
+    """200 members drawn at random, 16 per step, on a network whose members weigh 1.6 MB each (about 6 MB with
+    gradients, momentum buffers and the saved copy; all 200 at once would add about 1.2 GB to a process of under
+    1 GB): the peak memory (max RSS of the process) stays within a small factor of a 16-member run's."""
+    root, _ = image_folder
+    args = sweep_args(root, "--model.members", "null", "--model.sizes", "[3072, 128, 2]",
+                      "--model.grid", "{lr: {log_uniform: [1.0e-4, 0.1]}, momentum: {uniform: [0, 0.95]}}",
+                      "--model.members_per_step", "16", "--trainer.accelerator", "cpu", epochs=1)
+    done = run_processes([sys.executable, "-c", MEMORY_SCRIPT, json.dumps(args)], tmp_path)
+    (peak_16, n_16, _), (peak_200, n_200, log_dir) = json.loads(done.stdout.split("PEAKS")[-1])
+    assert (n_16, n_200) == (16, 200)
+    assert len(list((tmp_path / log_dir / "chunks").glob("chunk_*.json"))) == 13  # 12 x 16 + 8
+    assert peak_200 < 1.25 * peak_16, (peak_16, peak_200)

@@ -26,6 +26,7 @@ and ``python -m handgrad.sweep`` print them as one line ``error: ...`` and exit 
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import warnings
@@ -244,6 +245,7 @@ def train_chunk(cli: SweepCLI, ranks: Ranks, chunk: int, indices: list[int]) -> 
     trainer = chunk_trainer(cli, ranks)
     _seed(cli)
     trainer.fit(model, *loaders(cli.datamodule, trainer, "fit"))
+    cli.datamodule.trainer = None  # it would keep this chunk's trainer, and with it the model, alive
     names = [n for n, _ in model.net.named_parameters()]
     return {"chunk": chunk, "members": indices, "history": model.history, "steps": model.history_steps,
             "failed_epoch": model.failed_epoch.tolist(), "global_step": trainer.global_step,
@@ -274,6 +276,8 @@ def run_chunks(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> Optional[dict]:
             if got is not None:
                 save_chunk(log_dir, got)
                 write_member_curves(log_dir, members, got["members"], got["history"], got["steps"])
+        result = got = None  # peak memory: one chunk of members per rank (rank 0: also one round's results)
+        gc.collect()  # the chunk's trainer and model refer to each other: free them now, not at some later collection
     return merged_outcome(cli, log_dir, chunks) if ranks.rank == 0 else None
 
 
