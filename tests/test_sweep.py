@@ -6,9 +6,11 @@ import csv
 import json
 import importlib.util
 import math
+import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -418,3 +420,76 @@ def test_200_member_random_search_in_bounded_memory(image_folder, tmp_path):
     assert (n_16, n_200) == (16, 200)
     assert len(list((tmp_path / log_dir / "chunks").glob("chunk_*.json"))) == 13  # 12 x 16 + 8
     assert peak_200 < 1.25 * peak_16, (peak_16, peak_200)
+
+
+def test_a_killed_rank_stops_the_other_and_a_rerun_resumes(image_folder, tmp_path, monkeypatch, capsys):
+    """SIGKILL rank 0 of a 2-process sweep after its first chunk is saved: rank 1 stops within 60 s with one error
+    line naming rank 0; the same command into the same log folder (here on one process) trains only the rest."""
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    args = sweep_args(root, "--model.members", "null", "--model.members_per_step", "1",
+                      "--model.grid", "{lr: [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2], momentum: [0, 0.9]}",
+                      "--trainer.accelerator", "cpu", "--trainer.logger.init_args.version", "0", epochs=3)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    rank0 = subprocess.Popen(sweep_command(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"),
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunks = tmp_path / "lightning_logs" / "sweep" / "version_0" / "chunks"
+    deadline = time.monotonic() + 180
+    while not (chunks / "chunk_0000.json").exists():
+        assert rank0.poll() is None and time.monotonic() < deadline, rank0.communicate()[1][-3000:]
+        time.sleep(0.05)
+    [rank1] = [int(p) for p in Path(f"/proc/{rank0.pid}/task/{rank0.pid}/children").read_text().split()]
+    rank0.kill()
+    killed = time.monotonic()
+    _, err = rank0.communicate(timeout=60)  # the pipes close when rank 1, which shares them, has exited too
+    assert time.monotonic() - killed < 60
+    stat = Path(f"/proc/{rank1}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie of no one)
+    assert "error: sweep rank 1 of 2: lost contact with rank 0" in err, err[-3000:]
+    assert "--trainer.logger.init_args.version N" in err
+    done_before = sorted(p.name for p in chunks.glob("chunk_*.json"))
+    assert 0 < len(done_before) < 16
+    stamps = {name: (chunks / name).stat().st_mtime_ns for name in done_before}
+    capsys.readouterr()
+    result = sweep.main(args)
+    assert f"{len(done_before)} of 16 chunks are done" in capsys.readouterr().out
+    assert {name: (chunks / name).stat().st_mtime_ns for name in done_before} == stamps  # not trained again
+    assert len(list(chunks.glob("chunk_*.json"))) == 16 and len(result["rows"]) == 16
+    assert all(r["status"] == "ok" and math.isfinite(r["val_acc"]) for r in result["rows"])
+
+
+HEARTBEAT_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from handgrad.sweep_ranks import Heartbeat
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+Heartbeat(dist.new_group(backend="gloo"), rank, 2).start()
+print("training", flush=True)
+time.sleep(600)  # a long chunk: the main thread reaches no collective for minutes
+"""
+
+
+def test_heartbeat_stops_a_rank_whose_peer_died_while_it_trains(tmp_path):
+    """The heartbeat (not the next collective) ends a rank whose peer was SIGKILLed in the middle of a chunk."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    ranks = [subprocess.Popen([sys.executable, "-c", HEARTBEAT_SCRIPT, str(r), port], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    try:
+        assert [p.stdout.readline().strip() for p in ranks] == ["training", "training"]
+        time.sleep(3)  # a few heartbeats
+        ranks[1].kill()
+        killed = time.monotonic()
+        ranks[0].wait(timeout=60)
+        assert time.monotonic() - killed < 60 and ranks[0].returncode == 1
+        err = ranks[0].stderr.read()
+        assert re.search(r"error: sweep rank 0 of 2: lost contact with rank(\(s\))? 1 ", err), err
+    finally:
+        for p in ranks:
+            p.kill()
+            p.communicate()

@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from handgrad.errors import RankLostError
+
 HEARTBEAT_S = 2.0
 HEARTBEAT_TIMEOUT_S = 30.0
 CPU_MEMBERS_PER_STEP = 16  # on a CPU: 16 reference networks (1.6 M parameters each) take about 0.5 GB in all
@@ -54,7 +56,7 @@ class Ranks:
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        self._collective(lambda: dist.broadcast_object_list(box, src=0, group=self.group))
         return box[0]
 
     def gather(self, obj: Any) -> Optional[list]:
@@ -62,19 +64,26 @@ class Ranks:
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
+        self._collective(lambda: dist.gather_object(obj, out, dst=0, group=self.group))
         return out
 
     def all_min(self, value: int) -> int:
         if self.world == 1:
             return value
         t = torch.tensor([value])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        self._collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group))
         return int(t)
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier(group=self.group)
+            self._collective(lambda: dist.barrier(group=self.group))
+
+    def _collective(self, call) -> None:
+        """Run one collective; a peer that is gone is a :class:`RankLostError` naming it, not a gloo traceback."""
+        try:
+            call()
+        except RuntimeError as err:
+            raise RankLostError(lost_rank_message(err, self.rank, self.world)) from None
 
     def close(self) -> None:
         """Stop the heartbeat (all ranks call this after the last gather)."""
@@ -112,13 +121,19 @@ class Heartbeat(threading.Thread):
 
 
 def lost_rank_message(err: Exception, rank: int, world: int) -> str:
-    """Which rank stopped, from a failed monitored barrier: rank 0 is told the ranks that did not arrive
-    ("Ranks 1, 3 failed to pass monitoredBarrier"); the others only see that rank 0 is gone or gave up."""
+    """Which rank stopped, from a failed collective: a monitored barrier tells rank 0 the ranks that did not arrive
+    ("Ranks 1, 3 failed to pass monitoredBarrier"); the others only see that rank 0 is gone or gave up (with two
+    ranks, the lost one is the other one)."""
     found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(err))
-    lost = f"rank(s) {found.group(1).strip()}" if found else "rank 0 (or another rank, see rank 0's output)"
-    return (f"sweep rank {rank} of {world}: lost contact with {lost} (killed, out of memory, or its machine is gone; "
-            f"no heartbeat for {HEARTBEAT_TIMEOUT_S:.0f} s). The chunks completed so far are saved: rerun the same "
-            f"command with the same log folder (--trainer.logger.init_args.version N) to train only the rest.")
+    if found:
+        lost = f"rank(s) {found.group(1).strip()}"
+    elif world == 2:
+        lost = f"rank {1 - rank}"
+    else:
+        lost = "another rank (see rank 0's output)" if rank == 0 else "rank 0 (or another rank: see rank 0's output)"
+    return (f"sweep rank {rank} of {world}: lost contact with {lost} (it was killed, ran out of memory, or its "
+            f"machine is gone). The chunks completed so far are saved: rerun the same command with the same log "
+            f"folder (--trainer.logger.init_args.version N) to train only the rest.")
 
 
 # ----------------------------------------------------------------------------- how many members per step
