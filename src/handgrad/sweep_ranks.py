@@ -6,6 +6,11 @@ processes are already there (``--trainer.num_nodes M``). The strategy's ``setup_
 into one process group. Members are independent, so nothing is averaged: the W ranks train disjoint chunks of
 members, each chunk as one batched model on the rank's own device, on the full training set.
 
+Each chunk is fitted by a one-device Trainer on the rank's device, not through the DDP strategy itself: DDP would
+wrap the module in DistributedDataParallel, which broadcasts rank 0's parameters to every rank and checks that all
+ranks hold the same shapes (here they hold different members, possibly a different number of them), and the
+training data would be sharded over the ranks (here every member sees all of it).
+
     chunk c  = members [c K, (c + 1) K)              K = members per step (fixed for the whole sweep)
     round r  : rank w trains the (r W + w)-th chunk that is not done yet, then rank 0 gathers the round's results
 
