@@ -132,6 +132,24 @@ def initial_mlp(sizes: Sequence[int], activation: str, seed: Optional[int]) -> M
         return MLP(sizes, activation)
 
 
+@torch.no_grad()
+def keep_best(best: Optional[list[Tensor]], params: list[Tensor], score: list[tuple], loss: list[float],
+              acc: list[float]) -> list[Tensor]:
+    """Copy into ``best`` (one (K, ...) tensor per parameter, made at the first call) the slices of the members whose
+    val accuracy beats their best so far (ties: a lower val loss); ``score[k]`` is member k's best (acc, loss)."""
+    if best is None:
+        best = [p.detach().clone() for p in params]
+    better = [k for k, (a, l, (ba, bl)) in enumerate(zip(acc, loss, score))
+              if math.isfinite(a) and (a > ba or (a == ba and l < bl))]
+    for k in better:
+        score[k] = (acc[k], loss[k])
+    if better:
+        idx = torch.tensor(better, device=best[0].device)
+        for b, p in zip(best, params):
+            b.index_copy_(0, idx, p.detach().index_select(0, idx))
+    return best
+
+
 class GridClassifier(L.LightningModule):
     """K classifiers ``MLP(sizes, activation)``, one per grid member, trained together with the
     hand-written batched backward (:func:`grid_backward`) and SGD step (:class:`GridSGD`).
@@ -188,6 +206,7 @@ class GridClassifier(L.LightningModule):
         self.history: dict[str, list[list[float]]] = {k: [] for k in METRICS}
         self.history_steps: dict[str, list[int]] = {k: [] for k in STEPS}
         self.best_weights: Optional[list[Tensor]] = None  # with keep_best: one (K, ...) copy per parameter
+        self._best_score = [(-math.inf, math.inf)] * self.K  # (val acc, val loss) of each member's best validation
         self.test_member: Optional[int] = None
         self.test_result: dict[str, float] = {}
         self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # stage -> (sum of N * loss_k, correct_k), in place
@@ -313,28 +332,12 @@ class GridClassifier(L.LightningModule):
         self.history_steps["val_epoch"].append(self.current_epoch)
         self.history_steps["val_step"].append(self.global_step)
         if self.hparams.keep_best:
-            self._keep_best(loss, acc)
+            self.best_weights = keep_best(self.best_weights, list(self.net.parameters()), self._best_score, loss, acc)
         finite = [a for a in acc if math.isfinite(a)]
         # sync_dist: the identity on the one-device strategy the grid trains on; it keeps Lightning from warning
         # when the sweep's ranks share a process group (each rank's grid holds other members: nothing to reduce)
         self.log_dict({"grid/members_alive": float(len(finite)),
                        "grid/best_val_acc": max(finite) if finite else math.nan}, prog_bar=True, sync_dist=True)
-
-    @torch.no_grad()
-    def _keep_best(self, loss: list[float], acc: list[float]) -> None:
-        """Copy the weights of the members whose val accuracy (ties: val loss) beats their best so far."""
-        if self.best_weights is None:
-            self.best_weights = [p.detach().clone() for p in self.net.parameters()]
-            self._best_score = [(-math.inf, math.inf)] * self.K
-        better = [k for k, (a, l, (ba, bl)) in enumerate(zip(acc, loss, self._best_score))
-                  if math.isfinite(a) and (a > ba or (a == ba and l < bl))]
-        if not better:
-            return
-        for k in better:
-            self._best_score[k] = (acc[k], loss[k])
-        idx = torch.tensor(better, device=self.best_weights[0].device)
-        for best, p in zip(self.best_weights, self.net.parameters()):
-            best.index_copy_(0, idx, p.detach().index_select(0, idx))
 
     def on_test_epoch_start(self) -> None:
         if self.test_member is None or not 0 <= self.test_member < self.K:
