@@ -57,7 +57,11 @@ def test_backward_matches_autograd(activation, loss, reduction, seed):
         w, b = model.fc[str(l)].weight, model.fc[str(l)].bias
         assert rel_err(model.dL_dw[l], ref_grads[f"fc.{l}.weight"]) < 1e-10, f"W^{l}"
         assert rel_err(model.dL_db[l], ref_grads[f"fc.{l}.bias"]) < 1e-10, f"b^{l}"
-        assert w.grad is model.dL_dw[l] and b.grad is model.dL_db[l]
+        assert w.grad is model.dL_dw[l] and b.grad is model.dL_db[l]  # write_grad=True: .grad, for the optimizer
+    addresses = [p.grad.data_ptr() for p in model.parameters()]
+    with torch.no_grad():
+        backward(model, fn(model(x))[1])
+    assert [p.grad.data_ptr() for p in model.parameters()] == addresses  # the .grad buffers are reused
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -166,7 +170,85 @@ def test_backpropagation_course_entry_point(net, sizes, batch):
     for l in range(1, model.L + 1):
         assert rel_err(model.dL_dw[l], ref[f"fc.{l}.weight"]) < 1e-12
         assert rel_err(model.dL_db[l], ref[f"fc.{l}.bias"]) < 1e-12
-        assert model.fc[str(l)].weight.grad is model.dL_dw[l]
+        assert model.fc[str(l)].weight.grad is None and model.fc[str(l)].bias.grad is None  # .grad untouched
+
+
+# --- the course's grader: autograd's .grad, then backpropagation(), compare, step torch.optim.SGD on .grad ---
+
+
+class WrongCourseNet(CourseNet):
+    """A student's mistake: f'(z) of tanh written as 1 - tanh(z) instead of 1 - tanh(z)^2."""
+
+    def __init__(self, sizes):
+        super().__init__(sizes)
+        self.df = {l: (lambda z: 1 - torch.tanh(z)) for l in range(1, self.L + 1)}
+
+
+def grader_step(model, opt, x, y):
+    """One step of the grader's loop. Returns the largest relative error between the student's dL_dw/dL_db and
+    autograd's .grad, after checking that backpropagation() left .grad bitwise as autograd wrote it."""
+    opt.zero_grad()
+    y_pred = model(x)
+    ((y_pred - y) ** 2).sum().backward()
+    params = list(model.parameters())
+    autograd = [p.grad.clone() for p in params]
+    backpropagation(model, y, y_pred)
+    for p, g in zip(params, autograd):
+        assert torch.equal(p.grad, g), "backpropagation() changed autograd's .grad"
+    errors = []
+    for l in range(1, model.L + 1):
+        layer = model.fc[str(l)]
+        assert model.dL_dw[l] is not layer.weight.grad and model.dL_db[l] is not layer.bias.grad
+        errors += [rel_err(model.dL_dw[l], layer.weight.grad), rel_err(model.dL_db[l], layer.bias.grad)]
+    opt.step()  # torch.optim.SGD on autograd's .grad
+    return max(errors)
+
+
+def grader_data(sizes=(4, 5, 3), n=6):
+    torch.manual_seed(1)
+    return torch.randn(n, sizes[0], dtype=torch.float64), torch.randn(n, sizes[-1], dtype=torch.float64)
+
+
+def test_course_grader_loop_compares_against_autograd():
+    """tanh CourseNet, 5 steps of the grader: .grad unchanged by backpropagation(), dL_dw/dL_db agree with it to
+    1e-12, and the trained weights are those of plain autograd + torch.optim.SGD, bit for bit."""
+    x, y = grader_data()
+    torch.manual_seed(0)
+    model = CourseNet([4, 5, 3]).double()
+    ref = CourseNet([4, 5, 3]).double()
+    ref.load_state_dict(model.state_dict())
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, ref))
+    for _ in range(5):
+        assert grader_step(model, opt, x, y) < 1e-12
+        ref_opt.zero_grad()
+        ((ref(x) - y) ** 2).sum().backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_course_grader_catches_a_wrong_derivative():
+    x, y = grader_data()
+    torch.manual_seed(0)
+    model = WrongCourseNet([4, 5, 3]).double()
+    assert grader_step(model, torch.optim.SGD(model.parameters(), lr=0.05), x, y) > 0.01
+
+
+def test_zero_grad_and_later_backward_leave_dL_dw_alone():
+    x, y = grader_data()
+    torch.manual_seed(0)
+    model = CourseNet([4, 5, 3]).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    y_pred = model(x)
+    ((y_pred - y) ** 2).sum().backward()
+    backpropagation(model, y, y_pred)
+    saved = {l: (model.dL_dw[l].clone(), model.dL_db[l].clone()) for l in model.dL_dw}
+    opt.zero_grad(set_to_none=False)  # .grad zeroed in place
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    (model(x) ** 3).sum().backward()  # another autograd backward accumulates into .grad
+    for l, (dw, db) in saved.items():
+        assert torch.equal(model.dL_dw[l], dw) and torch.equal(model.dL_db[l], db)
+        assert torch.count_nonzero(dw) > 0
 
 
 # --- the course's "train vs train_manual_update" check on the reference architecture ---

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from conftest import CIFAR10_CLASSES, write_image_folder
-from handgrad import cifar_io
+from handgrad import cifar_fetch, cifar_io
 from handgrad.data import (BadDataError, CIFAR10DataModule, DataNotFoundError, TensorBatches, channel_stats,
                            stratified_split)
 
@@ -214,7 +214,7 @@ def fake_download(monkeypatch, fail: bool):
         if fail:
             raise urllib.error.URLError("[Errno -2] Name or service not known")
         write_pickle_batches(Path(download_root))
-    monkeypatch.setattr(cifar_io, "download_and_extract_archive", download_and_extract_archive)
+    monkeypatch.setattr(cifar_fetch, "download_and_extract_archive", download_and_extract_archive)
 
 
 def test_download_failure_says_how_to_supply_data(tmp_path, monkeypatch):
@@ -237,7 +237,7 @@ def test_failed_download_into_missing_folder_leaves_no_folders(tmp_path, monkeyp
     typo = tmp_path / "work" / "dtaa" / "cifar"
     with pytest.raises(DataNotFoundError) as err:
         CIFAR10DataModule(str(typo), download=True).prepare_data()
-    assert f"Could not download CIFAR-10 from {cifar_io.CIFAR10_URL} (URLError" in str(err.value)
+    assert f"Could not download CIFAR-10 from {cifar_fetch.CIFAR10_URL} (URLError" in str(err.value)
     assert f"The folder {typo} did not exist (a typo in --data.data_dir?). Without network: " in str(err.value)
     assert list((tmp_path / "work").iterdir()) == []  # neither dtaa/ nor dtaa/cifar/ is left behind
 
@@ -256,7 +256,7 @@ def test_successful_download_creates_the_folder(tmp_path, monkeypatch):
 def test_data_dir_that_is_a_file_says_pass_its_folder(tmp_path, monkeypatch, download):
     def no_download(*args, **kwargs):
         raise AssertionError("tried to download into a file path")
-    monkeypatch.setattr(cifar_io, "download_and_extract_archive", no_download)
+    monkeypatch.setattr(cifar_fetch, "download_and_extract_archive", no_download)
     write_image_folder(tmp_path / "src" / "cifar10-jpeg", per_class_train=5, per_class_test=2,
                        classes=("airplane", "bird"))
     shared = tmp_path / "shared"
@@ -354,7 +354,7 @@ def test_local_official_archive_is_checked_and_extracted(tmp_path, monkeypatch):
     with pytest.raises(BadDataError, match="fails its md5 check"):  # not the official md5
         ready(data)
     assert tgz.read_bytes() == content and not (data / "cifar-10-batches-py").exists()
-    monkeypatch.setattr(cifar_io, "CIFAR10_TGZ_MD5", hashlib.md5(content).hexdigest())
+    monkeypatch.setattr(cifar_fetch, "CIFAR10_TGZ_MD5", hashlib.md5(content).hexdigest())
     dm = ready(data, classes=("dog", "horse"))
     assert_matches(dm, *select(*written["train"], ("dog", "horse")), *select(*written["test"], ("dog", "horse")))
     assert tgz.read_bytes() == content
@@ -410,7 +410,7 @@ def test_cache_is_used_invalidated_and_optional(image_folder, monkeypatch):
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
-    monkeypatch.setattr(cifar_io.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(cifar_io.folder_lock.tempfile, "mkstemp", read_only)
     shutil.rmtree(root / ".handgrad_cache")
     with pytest.warns(UserWarning, match="continuing without it"):
         assert torch.equal(ready(root).train_x, first.train_x)

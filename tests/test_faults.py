@@ -23,7 +23,8 @@ import torch
 
 from conftest import write_image_folder
 from handgrad import cifar_io
-from handgrad.distributed import AtomicCheckpointIO, CheckpointError
+from handgrad.checkpoints import AtomicCheckpointIO
+from handgrad.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -64,7 +65,7 @@ def snapshot(*roots: Path) -> dict[Path, str]:
 
 # ------------------------------------------------------------------ SIGKILL during training, then resume
 
-# shuffled epochs, momentum, a StepLR schedule stepped per epoch: 5 epochs of 4 steps, last.ckpt after every step
+# shuffled epochs, momentum, a StepLR schedule stepped per epoch (after its last batch): 5 epochs of 4 steps, last.ckpt after every step
 RESUMABLE = ("--data.shuffle", "true", "--trainer.max_epochs", "5", "--last_checkpoint.every_n_train_steps", "1",
              "--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size", "1",
              "--model.lr_scheduler.gamma", "0.5")
@@ -140,8 +141,9 @@ def test_sigkill_during_training_then_resume_gives_the_same_weights(data_dir, un
 
 @pytest.mark.parametrize("step", [4, 10])
 def test_resume_at_an_epoch_end_and_mid_epoch_is_exact(data_dir, uninterrupted, tmp_path, monkeypatch, step):
-    """step=4.ckpt was written after epoch 0's last batch, before its validation and its schedule step (which a
-    resume skips in Lightning; the model catches it up); step=10.ckpt in the middle of epoch 2."""
+    """step=4.ckpt was written after epoch 0's last batch, before its validation (which a resume skips in Lightning);
+    the schedule was stepped in that batch's training step, so the checkpoint holds it. step=10.ckpt in the middle
+    of epoch 2."""
     full, checkpoints = uninterrupted
     monkeypatch.chdir(tmp_path)
     resumed = train.main(fit_args(data_dir, *RESUMABLE, "--ckpt_path", str(checkpoints / f"step={step}.ckpt")))
@@ -394,3 +396,83 @@ def test_cache_of_another_version_is_rebuilt_not_misread(tmp_path, monkeypatch, 
     assert f"decoded-image cache {path} is not in this version's format" in caplog.text
     assert torch.equal(data["train_x"], truth["train_x"]) and torch.equal(data["test_x"], truth["test_x"])
     assert cifar_io.is_current_cache(torch.load(path, weights_only=True))  # rebuilt
+
+
+# ------------------------------------------------------------------ bad data or checkpoints found late: still nothing written
+
+def test_explicit_default_sizes_on_a_checkpoint_of_other_sizes_are_refused(data_dir, trained_checkpoint, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Regression: --model.sizes typed equal to the default was taken for "not given", and the checkpoint's
+    architecture silently replaced it. What the user typed counts, also when it equals the default."""
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path, data_dir, trained_checkpoint.parent)
+    for subcommand in ("fit", "validate"):
+        args = fit_args(data_dir, "--model.sizes", "[3072, 512, 128, 32, 2]", "--ckpt_path", str(trained_checkpoint))
+        err = run_cli([subcommand, *args[1:]], capsys)
+        assert (f"error: checkpoint {trained_checkpoint} was trained with sizes [3072, 16, 2] and activation 'relu', "
+                f"this model has sizes [3072, 512, 128, 32, 2] and activation 'relu'; pass --model.sizes "
+                f"'[3072, 16, 2]' to use it") in err
+    assert snapshot(tmp_path, data_dir, trained_checkpoint.parent) == before
+
+
+def test_a_hostile_checkpoint_is_refused_without_unsafe_advice(data_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint holding an object torch's safe loader refuses (it could run code): one error line, no advice to
+    load it with weights_only=False."""
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "payload": Throttle(0.0)}, hostile)  # any class: unpickling would import it
+    for subcommand in ("fit", "test"):
+        err = run_cli([subcommand, *fit_args(data_dir, "--ckpt_path", str(hostile))[1:]], capsys)
+        assert f"error: checkpoint {hostile} is not a handgrad checkpoint: it holds objects that are not allowed" in err
+        assert "weights_only" not in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def corrupt_jpeg(root: Path) -> None:
+    next((root / "train" / "bird").glob("*.png")).write_bytes(b"\xff\xd8\xff\xe0 not an image")
+
+
+def drop_test_birds(root: Path) -> None:
+    for p in (root / "test" / "bird").iterdir():
+        p.unlink()
+    (root / "test" / "bird").rmdir()
+
+
+@pytest.mark.parametrize("damage, extra, message", [
+    (None, ["--data.val_fraction", "0.9999"], "error: --data.val_fraction 0.9999 leaves a class without train or val"),
+    (corrupt_jpeg, [], "error: "),
+    (drop_test_birds, [], "error: "),
+])
+def test_bad_data_found_during_setup_writes_nothing(tmp_path, monkeypatch, capsys, damage, extra, message):
+    """Regression: errors found while the data is set up (a split that leaves a class empty, a corrupt image, a
+    missing class folder) left lightning_logs/version_0 behind, and --data.val_fraction 0.9999 was a traceback."""
+    root = tmp_path / "data"
+    write_image_folder(root, per_class_train=20, per_class_test=3, classes=("airplane", "bird"))
+    if damage:
+        damage(root)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for args in (fit_args(root, *extra), fit_args(root, *extra)[1:]):  # fit, and the main job
+        err = run_cli(args, capsys)
+        assert message in err, err
+        assert list(work.iterdir()) == [], err
+
+
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
+    """Two processes writing the same checkpoint name (two resumes of one run): a save removes only the temporary
+    files of writers that are dead, never one another live process is still writing."""
+    io = AtomicCheckpointIO()
+    last = tmp_path / "last.ckpt"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = tmp_path / f".last.ckpt.{live.pid}.abc123.tmp"
+        theirs.write_bytes(b"half a checkpoint")
+        dead = tmp_path / ".last.ckpt.999999999.def456.tmp"  # no such process
+        dead.write_bytes(b"left by a killed writer")
+        io.save_checkpoint({"step": 1}, last)
+        assert theirs.read_bytes() == b"half a checkpoint" and not dead.exists()
+        assert io.load_checkpoint(last) == {"step": 1}
+    finally:
+        live.kill()
+        live.wait()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from handgrad.callbacks import ClassMetrics
 from handgrad.module import HandgradClassifier, NonFiniteLossError, SetupError
 
 SIZES = [3072, 16, 10]
@@ -191,7 +192,7 @@ def test_nan_check_deferred_names_the_first_bad_step(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-true"])
 def test_unsupported_precision_is_refused(tmp_path, precision):
     model = HandgradClassifier(SIZES)
-    with pytest.raises(SetupError, match=rf"precision='{precision}' is not supported.*'32-true', '64-true'"):
+    with pytest.raises(SetupError, match=rf"precision {precision} is not supported.*'32-true', '64-true'"):
         trainer(tmp_path, precision=precision).fit(model, TensorData())
 
 
@@ -220,7 +221,8 @@ def test_metrics_match_recomputed_predictions(tmp_path):
         loss = F.cross_entropy(out, y)
     cm = torch.zeros(10, 10, dtype=torch.long)
     cm.index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    assert torch.equal(model.confusion_matrix["val"], cm)
+    class_metrics = next(c for c in trainer_.callbacks if isinstance(c, ClassMetrics))  # added by the model
+    assert torch.equal(class_metrics.confusion_matrix["val"], cm)
     assert metrics["val/acc"] == pytest.approx((pred == y).double().mean().item(), abs=1e-6)
     assert metrics["hp/val_acc"] == metrics["val/acc"]
     assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-6)
@@ -300,3 +302,50 @@ def test_plateau_scheduler_steps_only_after_a_validation(tmp_path):
     trainer(tmp_path, max_epochs=4, check_val_every_n_epoch=2, num_sanity_val_steps=0).fit(model, TensorData())
     scheduler = model.lr_schedulers()
     assert scheduler.last_epoch == 2  # stepped after epochs 2 and 4, not after 1 and 3
+
+
+def test_plateau_scheduler_with_sparse_validation_warns_of_no_resume(tmp_path):
+    """Regression: with ReduceLROnPlateau and validation every 2nd epoch, a fresh run warned on every epoch that it
+    had "resumed from a checkpoint written before the end of epoch ..." (a plateau scheduler counts its own steps)."""
+    import functools
+    import warnings
+
+    sched = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5)
+    model = HandgradClassifier(SIZES, lr_scheduler=sched)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_epochs=4, check_val_every_n_epoch=2, num_sanity_val_steps=0).fit(model, TensorData())
+    assert [str(w.message) for w in caught if "resumed from a checkpoint" in str(w.message)] == []
+    assert model.lr_schedulers().last_epoch == 2
+
+
+def test_no_checkpoint_is_written_after_a_nan_loss_when_the_flag_is_read_rarely(tmp_path):
+    """Regression: the NaN flag read every 1000 steps (as on an accelerator, every 50) while a ModelCheckpoint saves
+    after every step: the checkpoint after the bad step (its update made the weights NaN) must never be written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(265)
+    model = HandgradClassifier(SIZES, nan_check_every_n_steps=1000)
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 \("):
+        trainer(tmp_path, callbacks=[every_step], enable_checkpointing=True).fit(model, TensorData(nan_at=2))
+    saved = sorted((tmp_path / "ckpts").glob("*.ckpt"))
+    states = [torch.load(p, weights_only=True) for p in saved]
+    assert [s["global_step"] for s in states] == [1, 2]  # after steps 0 and 1, not after the bad step 2
+    assert all(torch.isfinite(w).all() for s in states for w in s["state_dict"].values())
+
+
+@pytest.mark.parametrize("momentum", [1.0, 1.5])
+def test_momentum_of_one_or_more_trains_but_warns_once(tmp_path, momentum):
+    """torch.optim.SGD allows momentum >= 1, so handgrad does too; the buffer then never decays: one warning."""
+    import warnings
+
+    model = HandgradClassifier(SIZES, momentum=momentum)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2).fit(model, TensorData())
+    said = [str(w.message) for w in caught if "never decays" in str(w.message)]
+    assert said == [f"--model.momentum {momentum} >= 1: the momentum buffer b <- μ b + (1 - τ) g never decays, so old "
+                    f"gradients are never forgotten and the steps grow; use a momentum in [0, 1) unless that is what "
+                    f"you want to see."]
+    assert model.trainer.global_step == 2

@@ -1,5 +1,6 @@
 """handgrad.optim.SGD against torch.optim.SGD: bitwise equal parameters after every step."""
 
+import inspect
 import itertools
 
 import pytest
@@ -155,3 +156,194 @@ def test_skips_parameters_without_grad():
     assert torch.equal(a.detach(), torch.full((2,), 0.5))
     assert torch.equal(b.detach(), torch.ones(2))
     assert "momentum_buffer" not in opt.state[b]
+
+
+# --- torch.optim.SGD's whole contract: keywords, param_groups, state dicts both ways, sparse, differentiable, fused ---
+
+
+def test_signature_is_torchs():
+    """Every keyword of torch.optim.SGD, of the same kind and with the same default."""
+    ours, theirs = inspect.signature(handgrad.SGD), inspect.signature(torch.optim.SGD)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(momentum=0.9, nesterov=True, foreach=True, differentiable=False,
+                                              fused=False, maximize=True, weight_decay=0.1)])
+def test_param_groups_equal_torchs(kwargs):
+    ps = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    ours = handgrad.SGD([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}], lr=0.1, **kwargs)
+    theirs = torch.optim.SGD([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}], lr=0.1, **kwargs)
+    assert ours.state_dict() == theirs.state_dict()
+    assert ours.param_groups[0].keys() == theirs.param_groups[0].keys()
+
+
+@pytest.mark.parametrize("first", ["torch", "handgrad"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_state_dict_loads_into_the_other_optimizer(first, foreach):
+    """10 steps with one optimizer, its state dict loaded into the other, 10 more steps: bitwise equal to 20 steps
+    of torch.optim.SGD alone, and the loaded optimizer's state dict equals the one it was given."""
+    classes = {"torch": torch.optim.SGD, "handgrad": handgrad.SGD}
+    second = "handgrad" if first == "torch" else "torch"
+    hp = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, foreach=foreach)
+    g = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in ((4, 3), (4,))] for _ in range(20)]
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((4, 3), (4,))]
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    mixed = [torch.nn.Parameter(t.clone()) for t in start]
+    ref_opt = torch.optim.SGD([{"params": ref[:1]}, {"params": ref[1:], "lr": 0.02}], **hp)
+    opt = classes[first]([{"params": mixed[:1]}, {"params": mixed[1:], "lr": 0.02}], **hp)
+    for step, gs in enumerate(grads):
+        if step == 10:
+            state = opt.state_dict()
+            opt = classes[second]([{"params": mixed[:1]}, {"params": mixed[1:]}], lr=0.3)
+            opt.load_state_dict(state)
+            assert opt.state_dict() == state
+        for p, q, gr in zip(ref, mixed, gs):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ref_opt.step()
+        opt.step()
+        for p, q in zip(ref, mixed):
+            assert torch.equal(p, q), step
+
+
+def sparse_grad(step, dtype):
+    """An uncoalesced sparse gradient of a 3-vector (index 0 twice, index 1 never)."""
+    return torch.sparse_coo_tensor(torch.tensor([[0, 0, 2]]), torch.tensor([1.0, -2.0, 0.5 + step], dtype=dtype), (3,),
+                                   check_invariants=True)
+
+
+SPARSE_SETTINGS = [dict(), dict(maximize=True), dict(momentum=0.9), dict(momentum=0.9, dampening=0.5),
+                   dict(momentum=0.9, nesterov=True), dict(momentum=0.9, nesterov=True, maximize=True)]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("settings", SPARSE_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_sparse_gradients_bitwise_equal_to_torch(settings, foreach):
+    """Sparse gradients as torch.optim.SGD takes them: the same parameters and (sparse) momentum buffers."""
+    ours = [torch.nn.Parameter(torch.tensor([1.5, 1.5, -0.5], dtype=dt)) for dt in (torch.float64, torch.float32)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opts = [cls(ps, lr=0.1, foreach=foreach, **settings)
+            for cls, ps in ((handgrad.SGD, ours), (torch.optim.SGD, theirs))]
+    for step in range(4):
+        for ps, opt in zip((ours, theirs), opts):
+            for p in ps:
+                p.grad = sparse_grad(step, p.dtype)
+            opt.step()
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p, q), step
+            assert p[1] == 1.5  # no gradient there: unchanged
+            if "momentum" in settings:
+                b, c = opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"]
+                assert b.is_sparse and torch.equal(b.to_dense(), c.to_dense())
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_sparse_gradients_with_weight_decay_refused_as_torch(foreach):
+    """torch.optim.SGD cannot add λ p (dense) to a sparse gradient; neither can handgrad: the same error."""
+    for cls in (torch.optim.SGD, handgrad.SGD):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = sparse_grad(0, torch.float32)
+        with pytest.raises(RuntimeError, match=r"add\(sparse, dense\) is not supported"):
+            cls([p], lr=0.1, weight_decay=0.1, foreach=foreach).step()
+
+
+def test_fused_true_is_refused_naming_foreach():
+    p = torch.nn.Parameter(torch.ones(3))
+    for make in (lambda: handgrad.SGD([p], lr=0.1, fused=True),
+                 lambda: handgrad.SGD([{"params": [p], "fused": True}], lr=0.1)):
+        with pytest.raises(NotImplementedError, match=r"fused=True.*foreach=True"):
+            make()
+    for fused in (None, False):
+        handgrad.SGD([p], lr=0.1, fused=fused)
+    # a torch checkpoint written with fused=True: loading works, stepping says why it cannot go on
+    q = torch.nn.Parameter(torch.ones(3))
+    torch_fused = torch.optim.SGD([q], lr=0.1, momentum=0.9, fused=True)
+    q.grad = torch.ones(3)
+    torch_fused.step()
+    ours = handgrad.SGD([p], lr=0.1, momentum=0.9)
+    ours.load_state_dict(torch_fused.state_dict())
+    p.grad = torch.ones(3)
+    with pytest.raises(NotImplementedError, match="foreach=True"):
+        ours.step()
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_differentiable_step_has_torchs_values(settings):
+    """differentiable=True changes what autograd records, not the numbers: bitwise equal to torch.optim.SGD."""
+    g = torch.Generator().manual_seed(2)
+    ours = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    p, q = ours.clone(), theirs.detach().clone()  # p: a non-leaf, so the step may change it in place
+    opt_p = handgrad.SGD([p], lr=0.1, differentiable=True, **settings)
+    opt_q = torch.optim.SGD([q], lr=0.1, **settings)
+    for _ in range(4):
+        gr = torch.randn(6, dtype=torch.float64, generator=g)
+        p.grad, q.grad = gr.clone(), gr.clone()
+        opt_p.step()
+        opt_q.step()
+        assert torch.equal(p.detach(), q)
+    assert p.grad_fn is not None  # autograd recorded the steps
+
+
+D = torch.float64
+
+
+def multistep_loss(kwargs, steps=3):
+    """f(p_0, g_0, b_0, hyperparameters) = loss after ``steps`` differentiable SGD steps on ((p·x) - 2)^2, whose
+    gradients are taken with create_graph, so autograd differentiates through every step (p_0, the extra first
+    gradient g_0, the momentum buffer b_0 and the hyperparameters given as tensors)."""
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=D)
+
+    def f(p0, g0, b0, *hps):
+        p = p0.clone()
+        opt = handgrad.SGD([p], differentiable=True, **{**kwargs, **dict(zip(names, hps))})
+        if kwargs.get("momentum", 0):
+            opt.state[p]["momentum_buffer"] = b0.clone()
+        for step in range(steps):
+            loss = ((p * x).sum() - 2.0) ** 2
+            p.grad = torch.autograd.grad(loss, p, create_graph=True)[0] + (g0 if step == 0 else 0)
+            opt.step()
+            opt.zero_grad()
+        return ((p * x).sum() - 2.0) ** 2, p
+
+    return f, [kwargs[n] for n in names]
+
+
+def tensor(value):
+    return torch.tensor(value, dtype=D, requires_grad=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=tensor(0.1)),
+    dict(lr=0.1, weight_decay=tensor(0.3)),
+    dict(lr=tensor(0.1), weight_decay=tensor(0.3)),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=tensor(0.1), momentum=0.9, dampening=0.2, weight_decay=tensor(0.3)),
+    dict(lr=tensor(0.1), momentum=0.9, nesterov=True, maximize=True, weight_decay=0.3),
+], ids=["lr", "weight_decay", "lr,weight_decay", "momentum_buffer", "lr,weight_decay,momentum,dampening",
+        "lr,nesterov,maximize"])
+def test_differentiable_gradcheck(kwargs):
+    """autograd through three steps agrees with finite differences (gradcheck) for p_0, g_0, the momentum buffer
+    and the tensor hyperparameters. torch.optim.SGD fails the lr+weight_decay+momentum case (an in-place update
+    of a tensor autograd saved)."""
+    f, hps = multistep_loss(kwargs)
+    torch.manual_seed(0)
+    inputs = [torch.rand(3, dtype=D, requires_grad=True) for _ in range(3)] + hps
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_differentiable_first_momentum_step_follows_the_gradient():
+    """b_1 = g: the first step's momentum buffer is the gradient itself, so dp_1/dg = -γ I (gradcheck).
+    (torch.optim.SGD detaches b_1 from g and gives 0 here.)"""
+    def f(p0, g0):
+        p = p0.clone()
+        p.grad = g0.clone()
+        handgrad.SGD([p], lr=0.5, momentum=0.9, differentiable=True).step()
+        return p
+
+    p0, g0 = (torch.rand(3, dtype=D, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(f, (p0, g0))
+    jac = torch.autograd.functional.jacobian(f, (p0, g0))[1]
+    assert torch.equal(jac, -0.5 * torch.eye(3, dtype=D))

@@ -19,10 +19,12 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def backward(model, grad_output: Tensor) -> None:
-    """Fill ``model.dL_dw[l]`` and ``model.dL_db[l]`` for l = 1..L and write them into the
-    parameters' ``.grad`` (overwriting what was there, in place when its shape and dtype fit), so any
-    optimizer can step.
+def backward(model, grad_output: Tensor, *, write_grad: bool = True) -> None:
+    """Fill ``model.dL_dw[l]`` and ``model.dL_db[l]`` for l = 1..L.
+
+    ``write_grad=True`` (training): they are the parameters' ``.grad`` (overwritten, in place when its shape and
+    dtype fit), so any optimizer can step. ``write_grad=False``: they are new tensors of their own and every
+    ``.grad`` is left as it was (autograd's gradients, for example, stay there to be compared with).
 
     ``model`` exposes ``L``, ``fc`` (``fc[str(l)].weight`` is W^l), ``a``, ``z``, ``df`` as
     :class:`handgrad.mlp.MLP` does; ``grad_output`` is dL/da^L, shaped like ``model.a[L]``.
@@ -48,9 +50,10 @@ def backward(model, grad_output: Tensor) -> None:
         elif a_prev.dim() > delta.dim():  # an input cached unflattened, e.g. (N, 3, 32, 32)
             a_prev = a_prev.flatten(delta.dim() - 1)
         layer = model.fc[str(l)]
-        model.dL_dw[l] = torch.matmul(delta.transpose(-2, -1), a_prev, out=grad_buffer(layer.weight))
-        model.dL_db[l] = (torch.sum(delta, -2, out=grad_buffer(layer.bias)) if layer.bias is not None
-                          else delta.sum(-2))
+        into_w = grad_buffer(layer.weight) if write_grad else None  # None: a new tensor
+        into_b = grad_buffer(layer.bias) if write_grad and layer.bias is not None else None
+        model.dL_dw[l] = torch.matmul(delta.transpose(-2, -1), a_prev, out=into_w)
+        model.dL_db[l] = torch.sum(delta, -2, out=into_b)
         if l > 1:
             z_prev = model.z[l - 1]
             delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)
@@ -73,6 +76,8 @@ def backpropagation(model, y_true: Tensor, y_pred: Tensor) -> None:
 
     through any model exposing ``L, fc, a, z, df, dL_dw, dL_db`` (not only ours),
     for one sample or a batch. ``y_pred`` is the output of the last ``model(x)``.
+    ``model.dL_dw[l]``, ``dL_db[l]`` are tensors of their own; the parameters' ``.grad`` (autograd's, in
+    the course's grader) are not touched.
     """
     with torch.no_grad():
-        backward(model, 2 * (y_pred - y_true))
+        backward(model, 2 * (y_pred - y_true), write_grad=False)

@@ -1,4 +1,4 @@
-"""CIFAR-10 on disk: find it, extract or download it, decode it once to uint8 tensors, cache the result.
+"""CIFAR-10 on disk: find it, decode it once to uint8 tensors, cache the result (handgrad.cifar_fetch puts it there).
 
 Two source formats are read:
 
@@ -10,8 +10,9 @@ Images come back in a canonical order that depends only on the *set* of chosen c
 the pickle batches; class in CIFAR-10 label order, then file name, for folders), with CIFAR-10 label indices
 0..9. Remapping labels to the user's class order is the DataModule's job.
 
-Long one-time work (extracting an archive, decoding the images) is announced with log lines on rank 0
-(Lightning's logger, INFO), and so is a decoded-image cache that cannot be read and is rebuilt.
+Decoding is announced with log lines on rank 0 (Lightning's logger, INFO), and so is a decoded-image cache that does
+not fit and is rebuilt. Several processes may load one data_dir at once: one decodes and writes the cache, holding
+handgrad.folder_lock, the others wait for it and read the cache.
 """
 
 from __future__ import annotations
@@ -20,12 +21,7 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
-import socket
-import tarfile
-import tempfile
 import time
-import urllib.error
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,22 +31,19 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from handgrad import folder_lock
 from handgrad.errors import BadDataError, DataNotFoundError  # noqa: F401  (re-exported)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CIFAR10_URL, CIFAR10_TGZ, CIFAR10_TGZ_MD5 = CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5
+CIFAR10_TGZ = CIFAR10.filename
 PICKLE_DIR = "cifar-10-batches-py"
 PICKLE_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-FOLDER_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 CACHE_DIR = ".handgrad_cache"
-DOWNLOAD_TIMEOUT_S = 30  # seconds without an answer before the download counts as failed
 CACHE_VERSION = 1  # bump when the cached layout changes: old cache files are then ignored, not misread
 CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
-EXTRACT_PROGRESS_STEPS = 4  # log lines while extracting a folder archive: at 25%, 50%, 75% of its bytes
 
 
 def how_to_supply(data_dir: Path) -> str:
@@ -81,25 +74,6 @@ def check_folder(data_dir: Path) -> None:
                             f"e.g. --data.data_dir {existing.parent}.")
 
 
-def missing_folders(data_dir: Path) -> list[Path]:
-    """data_dir and those of its parents that do not exist, deepest first: what `mkdir -p data_dir` would create."""
-    missing = []
-    for p in (data_dir, *data_dir.parents):
-        if p.exists():
-            break
-        missing.append(p)
-    return missing
-
-
-def remove_empty_folders(folders: list[Path]) -> None:
-    """rmdir each folder, deepest first, stopping at the first that is gone or not empty: never removes a file."""
-    for d in folders:
-        try:
-            d.rmdir()
-        except OSError:
-            return
-
-
 @dataclass(frozen=True)
 class Source:
     kind: str  # "pickle" or "folder"
@@ -125,95 +99,6 @@ def find_source(data_dir: Path) -> Source | None:
         raise BadDataError(f"{data_dir} holds several image-folder trees ({', '.join(d.name for d in trees)}); "
                            f"pass --data.data_dir pointing at the one to use.")
     return Source("folder", trees[0]) if trees else None
-
-
-# ----------------------------------------------------------------------------- getting the data onto disk
-
-def prepare(data_dir: Path, download: bool) -> Source:
-    """Make data_dir hold a source: use what is there, else extract a local archive, else download (torchvision).
-
-    Nothing already on disk is overwritten: archives are extracted only into names that do not exist yet. A missing
-    data_dir is created only by a download that succeeds: a failed one leaves no folder behind.
-    """
-    check_folder(data_dir)
-    if (source := find_source(data_dir)) is not None:
-        return source
-    tgz = data_dir / CIFAR10_TGZ
-    if tgz.is_file():
-        if not check_integrity(str(tgz), CIFAR10_TGZ_MD5):
-            raise BadDataError(f"{tgz} fails its md5 check (expected {CIFAR10_TGZ_MD5}): the file is incomplete or "
-                               f"corrupt. Replace it with a good copy, or move it away to download again.")
-        try:
-            rank_zero_info(f"extracting {tgz} into {data_dir} (once)...")
-            extract_archive(str(tgz), str(data_dir))
-        except OSError as e:
-            raise DataNotFoundError(f"Cannot extract {tgz} into {data_dir} ({e}). Extract it into a writable folder "
-                                    f"and pass --data.data_dir pointing there.") from e
-        return find_source(data_dir)
-    if data_dir.is_dir():
-        for archive in sorted(data_dir.iterdir()):
-            if archive.name.endswith(FOLDER_ARCHIVE_SUFFIXES) and archive.is_file():
-                if (source := _extract_folder_archive(archive, data_dir)) is not None:
-                    return source
-    if not download:
-        raise DataNotFoundError(f"{no_data(data_dir)} and download=False. " + how_to_supply(data_dir))
-    created = missing_folders(data_dir)  # torchvision creates them: removed again when the download fails
-    existed, timeout = tgz.exists(), socket.getdefaulttimeout()
-    try:
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network fails in seconds, not minutes
-        download_and_extract_archive(CIFAR10_URL, str(data_dir), filename=CIFAR10_TGZ, md5=CIFAR10_TGZ_MD5)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        if not existed and tgz.exists():
-            tgz.unlink()  # our own partial download, nothing of the user's
-        remove_empty_folders(created)
-        typo = f"The folder {data_dir.absolute()} did not exist (a typo in --data.data_dir?). " if created else ""
-        raise DataNotFoundError(f"Could not download CIFAR-10 from {CIFAR10_URL} ({type(e).__name__}: {e}). {typo}"
-                                f"Without network: " + how_to_supply(data_dir)) from None
-    finally:
-        socket.setdefaulttimeout(timeout)
-    return find_source(data_dir)
-
-
-def _extract_folder_archive(archive: Path, data_dir: Path) -> Source | None:
-    """Extract a tar of an image-folder tree next to it (via a temp folder, never over existing names)."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=data_dir))
-    except OSError as e:
-        raise DataNotFoundError(f"Cannot extract {archive} into {data_dir} ({e}). Link it into a writable folder "
-                                f"and pass that: mkdir -p data && ln -s {archive.absolute()} data/ (then "
-                                f"--data.data_dir data).") from e
-    try:
-        try:
-            rank_zero_info(f"extracting {archive} into {data_dir} (once)...")
-            start = time.perf_counter()
-            with open(archive, "rb") as raw, tarfile.open(fileobj=raw) as tar:
-                tar.extractall(tmp, members=_members_with_progress(tar, raw, archive.stat().st_size), filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise BadDataError(f"{archive} cannot be extracted ({e}); replace it with a good copy or remove it.") from e
-        found = find_source(tmp)
-        if found is None or found.kind != "folder":
-            return None  # some other archive: leave it alone
-        entries = list(tmp.iterdir())
-        if clash := [e.name for e in entries if (data_dir / e.name).exists()]:
-            raise BadDataError(f"{archive} would extract over existing {clash} in {data_dir}, which is not a complete "
-                               f"image-folder tree; fix or move {clash} away.")
-        for e in entries:
-            e.rename(data_dir / e.name)
-        rank_zero_info(f"extracted {archive.name} in {time.perf_counter() - start:.0f} s")
-        return find_source(data_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _members_with_progress(tar: tarfile.TarFile, raw, size: int):
-    """The archive's members, in order, logging how far through the (compressed) file the reading is at every
-    1/EXTRACT_PROGRESS_STEPS of it: a long extraction shows that it is moving."""
-    step = 1
-    for n, member in enumerate(tar, start=1):
-        if step < EXTRACT_PROGRESS_STEPS and raw.tell() >= size * step / EXTRACT_PROGRESS_STEPS:
-            rank_zero_info(f"  extracting: {100 * step // EXTRACT_PROGRESS_STEPS}% ({n} files)")
-            step += 1
-        yield member
 
 
 # ----------------------------------------------------------------------------- listing and decoding
@@ -320,36 +205,61 @@ def decode(source: Source, files: dict, class_ids: list[int], workers: int = 0) 
 
 # ----------------------------------------------------------------------------- cache
 
-def cache_path(data_dir: Path, source: Source, files: dict, class_ids: list[int]) -> Path:
-    """data_dir/.handgrad_cache/<key>.pt, key = sha256 of (format version, source, classes, every file's
-    relative path, size and mtime): any change to the files or the code's layout gives a new key."""
+def listing_digest(data_dir: Path, source: Source, files: dict, class_ids: list[int]) -> str:
+    """sha256 (hex) of what a cache is made from: format version, source, classes, and every file's relative path,
+    size and mtime (a stat of each file, not its bytes)."""
     root = len(str(source.root)) + 1
     entries = [(path[root:], size, mtime) for split in ("train", "test") for path, _, size, mtime in files[split]]
     key = json.dumps([CACHE_VERSION, source.kind, str(source.root.relative_to(data_dir)), sorted(class_ids), entries])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def cache_path(data_dir: Path, source: Source, files: dict, class_ids: list[int]) -> Path:
+    """data_dir/.handgrad_cache/cifar10-<kind>-v<version>-<digest>.pt, digest = the first 20 hex digits of
+    listing_digest: any change to the files or the code's layout gives a new name."""
+    digest = listing_digest(data_dir, source, files, class_ids)[:20]
     return data_dir / CACHE_DIR / f"cifar10-{source.kind}-v{CACHE_VERSION}-{digest}.pt"
 
 
 def load_uint8(data_dir: Path, source: Source, class_ids: list[int], workers: int = 0) -> dict:
-    """Decoded uint8 images of the chosen classes: from the cache when its key matches, else decoded and cached."""
+    """Decoded uint8 images of the chosen classes: from the cache when it fits the files, else decoded and cached.
+
+    Several processes at once (the ranks of a sweep): the first decodes and writes the cache while holding
+    folder_lock, the others wait for it and read its cache; the images are decoded once per data_dir.
+    """
     files = list_files(source, class_ids)
+    meta = {"listing": listing_digest(data_dir, source, files, class_ids), "class_ids": sorted(class_ids)}
+    labels = None if source.kind == "pickle" else {s: torch.tensor([f[1] for f in files[s]]) for s in files}
     path = cache_path(data_dir, source, files, class_ids)
-    if path.is_file():
-        if (cached := load_cache(path)) is not None:
-            return cached
-    n_files = len(files["train"]) + len(files["test"])
-    rank_zero_info(f"decoding {n_files} files of {source.root} (once: the images are cached in {path.parent})...")
-    start = time.perf_counter()
-    data = decode(source, files, class_ids, workers)
-    rank_zero_info(f"decoded {len(data['train_x']) + len(data['test_x'])} images in "
-                   f"{time.perf_counter() - start:.1f} s")
-    save_cache(path, data)
+    seen = _identity(path)
+    if seen is not None and (cached := load_cache(path, meta, labels)) is not None:
+        return cached
+    with folder_lock.locked(data_dir):
+        folder_lock.remove_debris(path.parent)
+        if _identity(path) not in (None, seen) and (cached := load_cache(path, meta, labels)) is not None:
+            return cached  # written by the process this one waited for
+        n_files = len(files["train"]) + len(files["test"])
+        rank_zero_info(f"decoding {n_files} files of {source.root} (once: the images are cached in {path.parent})...")
+        start = time.perf_counter()
+        data = decode(source, files, class_ids, workers)
+        rank_zero_info(f"decoded {len(data['train_x']) + len(data['test_x'])} images in "
+                       f"{time.perf_counter() - start:.1f} s")
+        save_cache(path, data, meta)
     return data
 
 
-def load_cache(path: Path) -> dict | None:
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def load_cache(path: Path, meta: dict | None = None, labels: dict | None = None) -> dict | None:
     """The cached {train_x, train_y, test_x, test_y}, or None (with a one-line notice) when the file cannot be
-    read or holds another layout: the caller then decodes again and overwrites it."""
+    read, holds another layout, or does not fit `meta` and `labels` (see misfit): the caller then decodes again and
+    overwrites it."""
     try:
         cached = torch.load(path, weights_only=True)
     except Exception as e:  # truncated, garbage, ...: torch's message is a page long, the type name is enough
@@ -357,6 +267,9 @@ def load_cache(path: Path) -> dict | None:
         return None
     if not is_current_cache(cached):
         rank_zero_info(f"decoded-image cache {path} is not in this version's format (v{CACHE_VERSION}); rebuilding it")
+        return None
+    if meta is not None and (why := misfit(cached, meta, labels)) is not None:
+        rank_zero_info(f"decoded-image cache {path} does not fit the files it is named after ({why}); rebuilding it")
         return None
     return {k: cached[k] for k in CACHE_KEYS}
 
@@ -375,19 +288,59 @@ def is_current_cache(cached) -> bool:
     return True
 
 
-def save_cache(path: Path, data: dict) -> None:
-    """torch.save (with the format version) to a temp file in the cache folder, then os.replace: readers never
-    see a partial file."""
+def misfit(cached: dict, meta: dict, labels: dict | None) -> str | None:
+    """Why a well-formed cache was not made from these files, or None: another source listing or class set; labels
+    that differ from those of the image files (one per file, in order), or, for pickle batches, labels outside the
+    classes or a class without images."""
+    if "listing" not in cached:
+        return "it records no source listing: written by an older handgrad, or not by handgrad"
+    if cached["listing"] != meta["listing"]:
+        return "made from another listing of files, sizes and times"
+    if cached.get("class_ids") != meta["class_ids"]:
+        return f"classes {cached.get('class_ids')} instead of {meta['class_ids']}"
+    for split in ("train", "test"):
+        y = cached[f"{split}_y"]
+        if labels is not None and (len(y) != len(labels[split]) or not torch.equal(y, labels[split])):
+            return f"its {split} labels are not those of the {len(labels[split])} {split} files"
+        present = set(torch.unique(y).tolist())
+        if present != set(meta["class_ids"]):
+            return f"{split} labels {sorted(present)} instead of {meta['class_ids']}"
+    return None
+
+
+def save_cache(path: Path, data: dict, meta: dict | None = None) -> None:
+    """torch.save (with the format version and `meta`) to a temp file named after this writer, then os.replace:
+    readers never see a partial file. Any failure (torch.save raises RuntimeError on a full disk) is one notice; the
+    temp file is removed and the caller goes on without the cache."""
     tmp = None
     try:
         path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        fd, tmp = folder_lock.temp_file(path)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"version": CACHE_VERSION, **{k: data[k] for k in CACHE_KEYS}}, f)
+            torch.save({"version": CACHE_VERSION, **(meta or {}), **{k: data[k] for k in CACHE_KEYS}}, f)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"cannot write the decoded-image cache {path} ({e}); continuing without it, "
-                      f"the next run decodes the images again")
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp = None
+    except Exception as e:
+        _unlink(tmp)
+        tmp = None
+        warnings.warn(f"cannot write the decoded-image cache {path} ({_why_not_written(e, path, data)}); "
+                      f"continuing without it, the next run decodes the images again")
+    finally:
+        _unlink(tmp)  # interrupted (KeyboardInterrupt): no partial file left behind
+
+
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _why_not_written(e: Exception, path: Path, data: dict) -> str:
+    needed = sum(data[k].nbytes for k in CACHE_KEYS)
+    free = folder_lock.free_bytes(path.parent if path.parent.is_dir() else path.parent.parent)
+    if folder_lock.is_disk_full(e) or (free is not None and free < needed + 2**20):
+        return folder_lock.disk_full(path.parent, "writing it", needed)
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

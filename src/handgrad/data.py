@@ -4,7 +4,8 @@
     dm.prepare_data(); dm.setup()
     x, y = next(iter(dm.train_dataloader()))                         # (256, 3, 32, 32) float32, (256,) int64
 
-Reading, extracting, downloading and caching live in handgrad.cifar_io; this file is the data pipeline:
+Extracting and downloading live in handgrad.cifar_fetch, reading and caching in handgrad.cifar_io; this file is
+the data pipeline:
 labels -> split -> statistics -> normalization -> batches.
 """
 
@@ -21,8 +22,9 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
-from handgrad import cifar_io
+from handgrad import cifar_fetch, cifar_io
 from handgrad.cifar_io import CIFAR10_CLASSES, BadDataError, DataNotFoundError
+from handgrad.errors import ConfigError
 
 __all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "channel_stats", "normalize",
            "CIFAR10_CLASSES", "BadDataError", "DataNotFoundError"]
@@ -46,8 +48,8 @@ def stratified_split(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[t
     n_c = onehot.sum(0)
     n_val_c = torch.round(val_fraction * n_c.double()).long()
     if bool(((n_val_c == 0) | (n_val_c == n_c)).any()):
-        raise ValueError(f"val_fraction={val_fraction} leaves a class without train or val images "
-                         f"(training images per class: {n_c.tolist()}); use a val_fraction nearer 0.5 or more data.")
+        raise ConfigError(f"--data.val_fraction {val_fraction} leaves a class without train or val images "
+                          f"(training images per class: {n_c.tolist()}); use a val_fraction nearer 0.5 or more data.")
     is_val = rank_in_class < n_val_c[y_perm]
     return perm[~is_val], perm[is_val]
 
@@ -210,7 +212,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self._logged = False
 
     def prepare_data(self) -> None:
-        cifar_io.prepare(self.data_dir, self.hparams.download)
+        cifar_fetch.prepare(self.data_dir, self.hparams.download)
 
     def _target(self) -> tuple[torch.device, torch.dtype]:
         """Where and in which dtype the batches must be: the trainer's root device (if CUDA) and precision."""

@@ -1,4 +1,4 @@
-"""Training on many processes and surviving a kill: the hand-written gradient all-reduce, atomic checkpoints.
+"""Training on many processes: the hand-written gradient all-reduce.
 
 Data parallel training (Lightning's ddp / ddp_spawn strategies, any launcher). PyTorch's
 DistributedDataParallel averages gradients from autograd hooks; handgrad's backward does not go through
@@ -12,27 +12,16 @@ computed with ONE all-reduce (sum) of the flat buffer [n_r g_r, n_r L_r, n_r], t
 entry N. Weighting by n_r keeps the result exact when the last global batch splits unevenly (or leaves a
 process with no sample at all).
 
-Checkpoints. Lightning's TorchCheckpointIO (2.6) serializes to memory and writes through an fsspec
-transaction, whose temporary file lives in the system temp folder: when that is another file system than the
-checkpoint's, the "commit" is a copy onto the final name, and a kill during it leaves a truncated last.ckpt.
-:class:`AtomicCheckpointIO` writes a temporary file beside the target, fsyncs it and renames it over the
-target (os.replace), so a kill at any moment leaves either the old or the new checkpoint, never a mix.
+Atomic checkpoint writes live in :mod:`handgrad.checkpoints`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
-
-from handgrad.errors import CheckpointError
 
 
 def is_distributed() -> bool:
@@ -73,66 +62,3 @@ def all_reduce_gradients(params: Iterable[Tensor], loss: Tensor, n_local: int, g
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     return flat[-1].to(loss.dtype), n_total.to(loss.dtype)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file beside the target, fsync, then os.replace over the target; loading
-    errors name the file and say what to do. Remote paths (s3://, ...) keep Lightning's behaviour."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None or not _is_local(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{path.name}."
-        for stale in path.parent.glob(f"{prefix}*.tmp"):  # left by a process killed while writing this name
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes 0600)
-            os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-    def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        kwargs = {} if map_location is None else {"map_location": map_location}
-        try:
-            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. "
-                                  f"lightning_logs/version_N/checkpoints/last.ckpt).") from None
-        except Exception as e:
-            if "weights_only" in str(e) or "Weights only" in str(e):
-                raise  # torch's own message says how to allow the object
-            raise CheckpointError(
-                f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                f"it is truncated or corrupt. Resume from another checkpoint (e.g. a best-*.ckpt beside it) or start "
-                f"without --ckpt_path.") from None
-
-
-def _is_local(path) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(get_filesystem(path), LocalFileSystem)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

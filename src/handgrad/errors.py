@@ -19,6 +19,7 @@ import math
 from typing import Sequence
 
 SUPPORTED_PRECISIONS = ("32-true", "64-true")
+PRECISION_ALIASES = {"32": "32-true", "64": "64-true"}  # the short forms Lightning accepts for the same settings
 
 
 class HandgradError(Exception):
@@ -67,8 +68,10 @@ class RankLostError(HandgradError, RuntimeError):
 
 
 def check_precision(precision) -> None:
-    """The hand-written backward and SGD step run in one dtype: only ``32-true`` and ``64-true``."""
-    if str(precision) not in SUPPORTED_PRECISIONS:
+    """The hand-written backward and SGD step run in one dtype: only ``32-true`` and ``64-true`` (or 32, 64).
+    The message shows ``precision`` as given (the CLI passes what the user typed: Lightning would report
+    ``16-mixed`` on a CPU as ``bf16-mixed``)."""
+    if PRECISION_ALIASES.get(str(precision), str(precision)) not in SUPPORTED_PRECISIONS:
         raise SetupError(
             f"--trainer.precision {precision} is not supported: the hand-written backward pass and SGD step run in "
             f"one dtype and have no loss scaling or mixed-precision casts. Use one of {list(SUPPORTED_PRECISIONS)} "
@@ -94,3 +97,43 @@ def check_sizes_fit_data(sizes: Sequence[int], datamodule) -> None:
             f"the model has {sizes[-1]} outputs (sizes[-1]) but the data has {len(names)} classes "
             f"{list(names)}; set --model.sizes '{fit}' (or change --data.classes)"
         )
+
+
+def check_strategy(strategy) -> None:
+    """The hand-written backward and SGD step need every process to hold all parameters: one device, or data
+    parallel (ddp, ddp_spawn); not FSDP, DeepSpeed or model parallel strategies."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        raise SetupError(
+            f"strategy {type(strategy).__name__} is not supported: the hand-written backward pass and SGD step need "
+            f"every process to hold all parameters. Use one device or data parallel training "
+            f"(--trainer.strategy ddp or ddp_spawn)."
+        )
+
+
+def check_model_hyperparameters(*, sizes, activation, loss, lr, momentum, dampening, weight_decay, nesterov,
+                                backprop, optimizer, log_histograms_every_n_steps, nan_check_every_n_steps) -> None:
+    """Raise :class:`ConfigError` naming the flag (``--model.<name>``) for any value
+    :class:`handgrad.module.HandgradClassifier` cannot train with."""
+    from handgrad import optim
+    from handgrad.activations import ACTIVATIONS
+
+    choices = (("activation", activation, tuple(ACTIVATIONS)), ("loss", loss, ("cross_entropy", "mse")),
+               ("backprop", backprop, ("handgrad", "autograd")), ("optimizer", optimizer, ("handgrad", "torch")))
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"--model.{name} must be one of {allowed}, got {value!r}")
+    if (isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) < 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)):
+        raise ConfigError(f"--model.sizes must list at least two positive layer widths [n_0, ..., n_L] "
+                          f"(n_0 = 3072 for CIFAR, n_L = number of classes), got {sizes!r}")
+    optim.check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, name=lambda k: f"--model.{k}",
+                                error=ConfigError)
+    if not isinstance(log_histograms_every_n_steps, int) or log_histograms_every_n_steps < 0:
+        raise ConfigError(f"--model.log_histograms_every_n_steps must be >= 0 (0 = off), "
+                          f"got {log_histograms_every_n_steps!r}")
+    if nan_check_every_n_steps is not None and (not isinstance(nan_check_every_n_steps, int)
+                                                or nan_check_every_n_steps < 1):
+        raise ConfigError(f"--model.nan_check_every_n_steps must be >= 1 or null (automatic), "
+                          f"got {nan_check_every_n_steps!r}")

@@ -14,9 +14,12 @@ dampening = τ):
 
 The same formula is written twice: ``_single_tensor_sgd`` loops over tensors,
 ``_multi_tensor_sgd`` does each line for all tensors of a device and dtype at once with
-``torch._foreach_*`` kernels (fewer kernel launches on a GPU). Both perform the same
-floating-point operations in the same order as PyTorch's implementation, which is why the
-results are bitwise equal, not just close.
+``torch._foreach_*`` kernels. Both perform the same floating-point operations in the same order
+as PyTorch's implementation, which is why the results are bitwise equal, not just close.
+
+With ``differentiable=True`` the step runs with autograd on: p_t is a function of p_{t-1}, g_t,
+b_{t-1} and of γ and λ when they are tensors that require grad, and ``backward()`` through it
+gives their derivatives. Sparse gradients go through the same lines (torch's sparse ops).
 """
 
 from __future__ import annotations
@@ -49,24 +52,33 @@ def check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, *,
                     f"dampening {dampening}")
 
 
+FUSED_REFUSED = ("handgrad.optim.SGD does not implement fused=True: torch's fused kernel is not the hand-written "
+                 "step. Use foreach=True (the same formula on all tensors of a device at once) or leave fused unset")
+
+
 class SGD(Optimizer):
     """Drop-in replacement for ``torch.optim.SGD`` with the update rule above written out.
 
-    ``foreach=None`` chooses the multi-tensor path when every parameter is on a CUDA device
-    (as PyTorch does) and the single-tensor path otherwise.
+    The same arguments, defaults, argument checks and ``param_groups`` keys as ``torch.optim.SGD``, so a state
+    dict of either loads into the other. ``foreach=None`` chooses the multi-tensor path when every parameter is
+    on a CUDA device (as PyTorch does) and the single-tensor path otherwise. ``differentiable=True`` lets
+    autograd record the step; ``lr`` and ``weight_decay`` may then be tensors that require grad.
+    ``fused=True`` is refused with ``NotImplementedError`` (use ``foreach=True``).
     """
 
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         momentum: float = 0,
         dampening: float = 0,
-        weight_decay: float = 0,
+        weight_decay: float | Tensor = 0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -86,8 +98,12 @@ class SGD(Optimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
         )
         super().__init__(params, defaults)
+        if any(group["fused"] for group in self.param_groups):
+            raise NotImplementedError(FUSED_REFUSED)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -95,41 +111,65 @@ class SGD(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
 
-    @torch.no_grad()
     def step(self, closure=None):
-        """Perform one update of every parameter that has a gradient; returns ``closure()`` if given."""
+        """Perform one update of every parameter that has a gradient; returns ``closure()`` if given.
+        Autograd records the update only with ``differentiable=True``."""
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("handgrad.optim.SGD does not support sparse gradients")
-            grads = [p.grad for p in params]
-            momentum = group["momentum"]
-            bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.is_cuda for p in params)
-            update = _multi_tensor_sgd if foreach else _single_tensor_sgd
-            update(
-                params,
-                grads,
-                bufs,
-                lr=float(group["lr"]),
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-            )
-            for p, buf in zip(params, bufs):  # first step: the buffers were just created
-                self.state[p]["momentum_buffer"] = buf
+        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):  # (absent in old pickles)
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        if group["fused"]:  # e.g. from a torch.optim.SGD(fused=True) state dict
+            raise NotImplementedError(FUSED_REFUSED)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        momentum = group["momentum"]
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        lr, weight_decay = _hyperparameter(group["lr"]), _hyperparameter(group["weight_decay"])
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = not group["differentiable"] and all(p.is_cuda for p in params)
+        if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor):
+            foreach = False  # a hyperparameter that requires grad: the foreach kernels take numbers only
+        update = _multi_tensor_sgd if foreach else _single_tensor_sgd
+        update(
+            params,
+            [p.grad for p in params],
+            bufs,
+            lr=lr,
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=weight_decay,
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        for p, buf in zip(params, bufs):  # first step: the buffers were just created
+            self.state[p]["momentum_buffer"] = buf
+
+
+def _hyperparameter(value):
+    """A hyperparameter as the number the kernels take (a one-element tensor gives its value, as in torch), or
+    the tensor itself (squeezed to a scalar) when it requires grad: autograd then follows it."""
+    if isinstance(value, Tensor):
+        return value.squeeze() if value.requires_grad else value.item()
+    return value
+
+
+def _axpy(y: Tensor, a, x: Tensor, *, inplace: bool = False) -> Tensor:
+    """y + a x, into y when ``inplace``. ``a`` is a number, or a tensor that requires grad: then autograd keeps
+    a copy of x for da, since x (a parameter or a momentum buffer) changes in place later."""
+    if isinstance(a, Tensor):
+        return y.addcmul_(x.clone(), a) if inplace else y.addcmul(x.clone(), a)
+    return y.add_(x, alpha=a) if inplace else y.add(x, alpha=a)
 
 
 def _single_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -137,14 +177,14 @@ def _single_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_d
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
         if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
+            g = _axpy(g, weight_decay, p)  # g + λ p
         if momentum != 0:
             if bufs[i] is None:
-                bufs[i] = g.detach().clone()
+                bufs[i] = torch.clone(g)  # b_1 = g
             else:
-                bufs[i].mul_(momentum).add_(g, alpha=1 - dampening)
+                bufs[i].mul_(momentum).add_(g, alpha=1 - dampening)  # b = μ b + (1 - τ) g
             g = g.add(bufs[i], alpha=momentum) if nesterov else bufs[i]
-        p.add_(g, alpha=-lr)
+        _axpy(p, -lr, g, inplace=True)  # p - γ g
 
 
 def _multi_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -171,7 +211,7 @@ def _multi_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_de
                 bs = []
                 for j, i in enumerate(idx):
                     if bufs[i] is None:
-                        bufs[i] = gs[j].detach().clone()
+                        bufs[i] = torch.clone(gs[j])
                     else:
                         bufs[i].mul_(momentum).add_(gs[j], alpha=1 - dampening)
                     bs.append(bufs[i])
@@ -182,4 +222,8 @@ def _multi_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_de
                     gs = torch._foreach_add(gs, bs, alpha=momentum)
             else:
                 gs = bs
-        torch._foreach_add_(ps, gs, alpha=-lr)
+        if any(g.is_sparse for g in gs):  # the foreach kernels take dense tensors only (as in torch)
+            for p, g in zip(ps, gs):
+                p.add_(g, alpha=-lr)
+        else:
+            torch._foreach_add_(ps, gs, alpha=-lr)

@@ -37,8 +37,9 @@ import torch
 from lightning.pytorch import Callback
 
 from handgrad.data import CIFAR10DataModule
-from handgrad.distributed import AtomicCheckpointIO
-from handgrad.errors import HandgradError, SetupError
+from handgrad.checkpoints import save_selected, selected_checkpoint
+from handgrad.cli import exit_on_user_error, quiet_lightning_notices
+from handgrad.errors import SetupError
 from handgrad.grid_module import METRICS, STEPS, GridClassifier
 from handgrad.mlp import MLP
 from handgrad.module import HandgradClassifier
@@ -50,7 +51,6 @@ from handgrad.sweep_ranks import Ranks, default_members_per_step
 from handgrad.sweep_report import (CONFIG_COLUMNS, by_config, log_member_hparams, markdown, results_table,
                                    retest_command, select, write_member_curves, write_results)
 
-SELECTED_CKPT = "selected.ckpt"  # the selected member as a HandgradClassifier checkpoint, in the log directory
 
 
 # ----------------------------------------------------------------------------- training
@@ -239,36 +239,6 @@ def evaluate_on_test(cli: SweepCLI, ranks: Ranks, member: dict, state: dict) -> 
     return model.test_result
 
 
-def selected_checkpoint(mlp: MLP, member: dict, activation: str, epoch: int, global_step: int,
-                        data_hparams: dict, sweep_info: dict) -> dict:
-    """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
-    :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
-    so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
-    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory)."""
-    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
-        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS})
-    model.to(mlp.fc["1"].weight.dtype)
-    model.mlp.load_state_dict(mlp.state_dict())
-    return {
-        "epoch": epoch,
-        "global_step": global_step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "hparams_name": "kwargs",
-        "hyper_parameters": dict(model.hparams),
-        "datamodule_hparams_name": "kwargs",
-        "datamodule_hyper_parameters": {k: v for k, v in data_hparams.items() if k != "_instantiator"},
-        "handgrad_sweep": sweep_info,
-    }
-
-
-def save_selected(log_dir: Path, checkpoint: dict) -> Path:
-    """Write the checkpoint to ``log_dir/selected.ckpt`` atomically (as the training checkpoints are written)."""
-    path = log_dir / SELECTED_CKPT
-    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -348,13 +318,11 @@ def report(cli: SweepCLI, ranks: Ranks, log_dir: Path, outcome: dict, mode: str)
 
 
 def run_as_script() -> None:
-    """``python -m handgrad.sweep``: :func:`main`, with a user error (bad option, missing data) printed as one line
-    ``error: ...`` and its exit code (2), as ``train.py sweep`` does."""
-    try:
+    """``python -m handgrad.sweep``: :func:`main`, with a user error (bad option, missing data, a lost rank) printed
+    as one line ``error: ...`` and its exit code, as ``train.py sweep`` does."""
+    quiet_lightning_notices()
+    with exit_on_user_error():
         main()
-    except HandgradError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from handgrad.distributed import AtomicCheckpointIO
+from handgrad.checkpoints import AtomicCheckpointIO
 from handgrad.errors import ConfigError
 from handgrad.grid_module import METRICS
 from handgrad.sweep_ranks import Ranks, chunks_of

@@ -6,25 +6,21 @@ from __future__ import annotations
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
-from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import yaml
 from jsonargparse import ActionYesNo, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from handgrad.activations import ACTIVATIONS
+from handgrad.cli import DEFAULT_CONFIG, RunLogger, logs_under_default_root_dir
 from handgrad.data import CIFAR10DataModule
 from handgrad.errors import ConfigError, HandgradError, SetupError, check_precision, check_sizes_fit_data
 from handgrad.grid_module import COMPILE_MODES
 from handgrad.search import expand_grid
 from handgrad.sweep_report import RULES
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # in a source checkout
-
 
 class SweepModel:
     """The ``--model`` options of a sweep: the search (:func:`handgrad.search.expand_grid`) and the network.
@@ -75,8 +71,7 @@ class SweepCLI(LightningCLI):
             super().__init__(
                 None, datamodule_class, args=args, run=False, auto_configure_optimizers=False,
                 save_config_callback=None, seed_everything_default=265,
-                trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="lightning_logs",
-                                                          name="sweep", default_hp_metric=False)},
+                trainer_defaults={"logger": lazy_instance(RunLogger, name="sweep")},
                 parser_kwargs={"description": description, "formatter_class": RawDescriptionHelpFormatter})
 
     def add_core_arguments_to_parser(self, parser) -> None:
@@ -107,11 +102,7 @@ class SweepCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """``--trainer.default_root_dir DIR``: the sweep logs under DIR/lightning_logs/sweep/ (as Lightning's own
         default logger writes under default_root_dir), unless a logger save_dir is given."""
-        trainer = self.config["trainer"]
-        logger = trainer.get("logger")
-        root = trainer.get("default_root_dir")
-        if root and getattr(logger, "init_args", None) is not None and logger.init_args.get("save_dir") == "lightning_logs":
-            logger.init_args.save_dir = str(Path(root) / "lightning_logs")
+        logs_under_default_root_dir(self.config, "lightning_logs")
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a constructor that refuses an option value (a member's lr < 0, an empty

@@ -1,0 +1,216 @@
+"""Checkpoints: written atomically, checked before they are used, and built for a sweep's selected member.
+
+Writing. Lightning's TorchCheckpointIO (2.6) serializes to memory and writes through an fsspec transaction whose
+temporary file lives in the system temp folder: when that is another file system than the checkpoint's, the
+"commit" is a copy onto the final name, and a kill during it leaves a truncated last.ckpt. :class:`AtomicCheckpointIO`
+writes a temporary file beside the target, fsyncs it and renames it over the target (os.replace), so a kill at any
+moment leaves either the old or the new checkpoint, never a mix.
+
+Checking. A checkpoint made for another architecture (sizes, activation) or, for ``fit --ckpt_path``, another run
+(other SGD settings or another data order) is refused with the flags that fit it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from handgrad.errors import CheckpointError
+
+ARCHITECTURE = ("sizes", "activation")  # the hyperparameters a checkpoint's weights depend on
+RESUMED_MODEL = ("loss", "lr", "momentum", "dampening", "weight_decay", "nesterov", "backprop", "optimizer")
+RESUMED_DATA = ("classes", "val_fraction", "split_seed", "batch_size", "shuffle")  # they fix every batch
+SELECTED_CKPT = "selected.ckpt"  # a sweep's selected member as a HandgradClassifier checkpoint, in its log directory
+WHERE = "lightning_logs/version_N/checkpoints/last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, fsync, then os.replace over the target; loading
+    errors name the file and say what to do. Remote paths (s3://, ...) keep Lightning's behaviour."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{path.name}."
+        _remove_dead_writers_files(path.parent, prefix)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes 0600)
+            os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. {WHERE}).") from None
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            if "weights_only" in str(e) or "Weights only" in str(e):  # an object torch's safe loader refuses
+                raise CheckpointError(f"checkpoint {path} is not a handgrad checkpoint: it holds objects that are not "
+                                      f"allowed in one (only tensors and plain values are); it was not loaded. Use "
+                                      f"a checkpoint written by handgrad.") from None
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it is truncated or corrupt. Resume "
+                f"from another checkpoint (e.g. a best-*.ckpt beside it) or start without --ckpt_path.") from None
+
+
+def _remove_dead_writers_files(folder: Path, prefix: str) -> None:
+    """Remove ``<prefix><pid>.*.tmp`` files of writers that no longer run (killed while writing); a live
+    process's temporary file is left alone."""
+    for stale in folder.glob(f"{prefix}*.tmp"):
+        pid = stale.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _is_local(path) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def load_for_checks(path) -> dict:
+    """The checkpoint at ``path`` on the CPU, safely (tensors and plain values only), or a clear CheckpointError."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. {WHERE}).")
+    return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+def plain(v):
+    """YAML lists and tuples compare equal; ints in a sizes list stay ints."""
+    return [int(x) if isinstance(x, int) else x for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_architecture(checkpoint: dict, asked: dict, path=None) -> None:
+    """Raise :class:`CheckpointError` when a handgrad checkpoint was trained with another value of a key of
+    ``asked`` (sizes, activation): say what it was trained with, what was asked for, and the flags that fit it."""
+    theirs = checkpoint.get("hyper_parameters", {})
+    if "sizes" not in theirs:  # not a handgrad checkpoint: the state-dict shapes will tell
+        return
+    arch = {"sizes": plain(theirs["sizes"]), "activation": theirs.get("activation", "relu")}
+    differ = [k for k in asked if plain(asked[k]) != arch[k]]
+    if not differ:
+        return
+    shown = {**arch, **{k: plain(v) for k, v in asked.items()}}
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    fix = " ".join(f"--model.{k} '{arch[k]}'" for k in differ)
+    raise CheckpointError(f"{where} was trained with sizes {arch['sizes']} and activation {arch['activation']!r}, "
+                          f"this model has sizes {shown['sizes']} and activation {shown['activation']!r}; pass {fix} "
+                          f"to use it (or leave out --ckpt_path to start anew).")
+
+
+def check_state_dict_fits(checkpoint: dict, model, path=None) -> None:
+    """The checkpoint's architecture and tensor shapes against ``model`` (a HandgradClassifier): Lightning would
+    fail on the first tensor whose shape differs, or silently load weights trained with another activation."""
+    check_architecture(checkpoint, {"sizes": model.mlp.n_l, "activation": model.hparams.activation}, path)
+    state = checkpoint.get("state_dict", {})
+    if bad := [f"{k}: {tuple(state[k].shape) if k in state else 'missing'} there, {tuple(v.shape)} here"
+               for k, v in model.state_dict().items() if k not in state or state[k].shape != v.shape]:
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        raise CheckpointError(f"{where} does not fit this model ({'; '.join(bad[:4])}); "
+                              f"is it a handgrad checkpoint of the same --model.sizes?")
+
+
+def check_resume(checkpoint: dict, config, path) -> None:
+    """`fit --ckpt_path` continues the checkpoint's run batch for batch: refuse options that differ from the run's
+    own training settings (LightningCLI would silently replace the model's by the checkpoint's and keep the data's,
+    so the run would go on with other batches than it started with), naming the flags that fit the checkpoint."""
+    differ = []  # (flag, the checkpoint's value, the options' value)
+    for section, keys, saved in (("model", RESUMED_MODEL, checkpoint.get("hyper_parameters", {})),
+                                 ("data", RESUMED_DATA, checkpoint.get("datamodule_hyper_parameters", {}))):
+        for key in keys:
+            if key in saved and plain(saved[key]) != plain(config[section][key]):
+                differ.append((f"--{section}.{key}", plain(saved[key]), plain(config[section][key])))
+    if differ:
+        asked = ", ".join(f"{flag} {value}" for flag, _, value in differ)
+        value = lambda v: repr(yaml.safe_dump(v, default_flow_style=True).strip()) if isinstance(v, list) else v  # noqa: E731
+        fix = " ".join(f"{flag} {value(saved)}" for flag, saved, _ in differ)
+        raise CheckpointError(f"checkpoint {path} was trained with other settings than these options give ({asked}); "
+                              f"resuming continues that run batch for batch, so pass {fix} (or leave out --ckpt_path "
+                              f"to start a new run)")
+
+
+# ----------------------------------------------------------------------------- a sweep member as a checkpoint
+
+
+def selected_checkpoint(mlp, member: dict, activation: str, epoch: int, global_step: int,
+                        data_hparams: dict, sweep_info: dict) -> dict:
+    """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
+    :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
+    so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
+    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory)."""
+    import lightning as L
+
+    from handgrad.search import HPARAMS
+    from handgrad.module import HandgradClassifier
+
+    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
+        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS})
+    model.to(mlp.fc["1"].weight.dtype)
+    model.mlp.load_state_dict(mlp.state_dict())
+    return {
+        "epoch": epoch,
+        "global_step": global_step,
+        "pytorch-lightning_version": L.__version__,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "hparams_name": "kwargs",
+        "hyper_parameters": dict(model.hparams),
+        "datamodule_hparams_name": "kwargs",
+        "datamodule_hyper_parameters": {k: v for k, v in data_hparams.items() if k != "_instantiator"},
+        "handgrad_sweep": sweep_info,
+    }
+
+
+def save_selected(log_dir: Path, checkpoint: dict) -> Path:
+    """Write the checkpoint to ``log_dir/selected.ckpt`` atomically (as the training checkpoints are written)."""
+    path = Path(log_dir) / SELECTED_CKPT
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    return path
