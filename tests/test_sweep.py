@@ -502,3 +502,20 @@ def test_heartbeat_stops_a_rank_whose_peer_died_while_it_trains(tmp_path):
         for p in ranks:
             p.kill()
             p.communicate()
+
+
+def test_default_members_per_step(monkeypatch):
+    """Unset, K is 16 on a CPU; on a GPU half the free memory over one member's share (its parameters in weights,
+    gradients, momentum, SGD work tensor and, with best_epoch, the best copy; its activations for one batch)."""
+    from handgrad.sweep_ranks import default_members_per_step
+
+    sizes = [3072, 512, 128, 32, 2]
+    assert default_members_per_step(torch.device("cpu"), sizes, 256, torch.float32, keep_best=False) == 16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 140 * 2**30))
+    params = 3072 * 512 + 512 + 512 * 128 + 128 + 128 * 32 + 32 + 32 * 2 + 2
+    for keep_best, copies in ((False, 4), (True, 5)):
+        per_member = 4 * (copies * params + 3 * 256 * (512 + 128 + 32 + 2))
+        assert default_members_per_step(torch.device("cuda", 0), sizes, 256, torch.float32, keep_best) == \
+            40 * 2**30 // per_member
+    assert default_members_per_step(torch.device("cuda", 0), sizes, 256, torch.float64, False) == \
+        40 * 2**30 // (8 * (4 * params + 3 * 256 * 674))
