@@ -124,7 +124,7 @@ def test_a_killed_rank_stops_the_other_and_a_rerun_resumes(image_folder, tmp_pat
     stat = Path(f"/proc/{rank1}/stat")
     assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie of no one)
     assert "error: sweep rank 1 of 2: lost contact with rank 0" in err, err[-3000:]
-    assert "--trainer.logger.init_args.version N" in err
+    assert "rerun the same command with --trainer.logger.init_args.version 0 (lightning_logs/sweep/version_0)" in err
     done_before = sorted(p.name for p in chunks.glob("chunk_*.json"))
     assert 0 < len(done_before) < 8
     stamps = {name: (chunks / name).stat().st_mtime_ns for name in done_before}
@@ -142,7 +142,7 @@ import torch.distributed as dist
 from handgrad.sweep_ranks import Heartbeat
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-Heartbeat(dist.new_group(backend="gloo"), rank, 2).start()
+Heartbeat(dist.new_group(backend="gloo"), rank, 2, {"how": "the same log folder"}).start()
 print("training", flush=True)
 time.sleep(600)  # a long chunk: the main thread reaches no collective for minutes
 """

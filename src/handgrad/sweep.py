@@ -264,6 +264,7 @@ def run(cli: SweepCLI) -> dict:
     if ranks.rank == 0:
         log_dir = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
     log_dir = Path(ranks.broadcast(str(log_dir)))
+    ranks.log_folder_is(log_dir)
     mode = "sequential" if cli.config.sequential else "batched"
     if ranks.world > 1:
         mode += f", {ranks.world} processes"

@@ -48,12 +48,13 @@ class Ranks:
     def __init__(self, strategy=None):
         self.world, self.rank, self.local_rank = 1, 0, 0
         self.group = self._heartbeat = None
+        self.resume = {"how": "the same log folder (--trainer.logger.init_args.version N)"}  # said when a rank is lost
         if strategy is None or strategy.world_size == 1:
             return
         strategy.setup_environment()  # Lightning's own process group set-up (backend, addresses, timeout)
         self.world, self.rank, self.local_rank = strategy.world_size, strategy.global_rank, strategy.local_rank
         self.group = dist.new_group(backend="gloo")
-        self._heartbeat = Heartbeat(dist.new_group(backend="gloo"), self.rank, self.world)
+        self._heartbeat = Heartbeat(dist.new_group(backend="gloo"), self.rank, self.world, self.resume)
         self._heartbeat.start()
 
     def broadcast(self, obj: Any) -> Any:
@@ -88,7 +89,11 @@ class Ranks:
         try:
             call()
         except RuntimeError as err:
-            raise RankLostError(lost_rank_message(err, self.rank, self.world)) from None
+            raise RankLostError(lost_rank_message(err, self.rank, self.world, self.resume["how"])) from None
+
+    def log_folder_is(self, log_dir) -> None:
+        """Name the log folder in the lost-rank message: how to resume exactly this sweep."""
+        self.resume["how"] = f"--trainer.logger.init_args.version {log_dir.name.removeprefix('version_')} ({log_dir})"
 
     def close(self) -> None:
         """Stop the heartbeat (all ranks call this after the last gather)."""
@@ -102,9 +107,9 @@ class Heartbeat(threading.Thread):
     HEARTBEAT_TIMEOUT_S when a rank is gone. Then this process prints which rank was lost and exits (code 1):
     the main thread may be blocked in a collective that would otherwise wait for the process group's timeout."""
 
-    def __init__(self, group, rank: int, world: int):
+    def __init__(self, group, rank: int, world: int, resume: dict):
         super().__init__(daemon=True, name="handgrad-sweep-heartbeat")
-        self.group, self.rank, self.world = group, rank, world
+        self.group, self.rank, self.world, self.resume = group, rank, world, resume
         self._stop_asked = threading.Event()
 
     def run(self) -> None:
@@ -117,7 +122,8 @@ class Heartbeat(threading.Thread):
                     return
                 self._stop_asked.wait(HEARTBEAT_S)
         except Exception as err:  # noqa: BLE001  (any failure of the heartbeat means a rank is gone)
-            print(f"error: {lost_rank_message(err, self.rank, self.world)}", file=sys.stderr, flush=True)
+            print(f"error: {lost_rank_message(err, self.rank, self.world, self.resume['how'])}", file=sys.stderr,
+                  flush=True)
             os._exit(1)
 
     def stop(self) -> None:
@@ -125,7 +131,7 @@ class Heartbeat(threading.Thread):
         self.join()
 
 
-def lost_rank_message(err: Exception, rank: int, world: int) -> str:
+def lost_rank_message(err: Exception, rank: int, world: int, resume: str) -> str:
     """Which rank stopped, from a failed collective: a monitored barrier tells rank 0 the ranks that did not arrive
     ("Ranks 1, 3 failed to pass monitoredBarrier"); the others only see that rank 0 is gone or gave up (with two
     ranks, the lost one is the other one)."""
@@ -137,8 +143,8 @@ def lost_rank_message(err: Exception, rank: int, world: int) -> str:
     else:
         lost = "another rank (see rank 0's output)" if rank == 0 else "rank 0 (or another rank: see rank 0's output)"
     return (f"sweep rank {rank} of {world}: lost contact with {lost} (it was killed, ran out of memory, or its "
-            f"machine is gone). The chunks completed so far are saved: rerun the same command with the same log "
-            f"folder (--trainer.logger.init_args.version N) to train only the rest.")
+            f"machine is gone). The chunks completed so far are saved: rerun the same command with {resume} to "
+            f"train only the rest.")
 
 
 # ----------------------------------------------------------------------------- how many members per step
