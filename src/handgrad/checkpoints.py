@@ -256,7 +256,7 @@ def selected_checkpoint(mlp, member: dict, activation: str, epoch: int, global_s
     loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory)."""
     import lightning as L
 
-    from handgrad.grid import HPARAMS
+    from handgrad.search import HPARAMS
     from handgrad.module import HandgradClassifier
 
     with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
