@@ -202,7 +202,7 @@ def test_unwritable_log_folder_is_a_one_line_error(image_folder, tmp_path, monke
     blocker.write_text("a file where the log folder should go")
     args = sweep_args(root, "--trainer.logger.init_args.save_dir", "blocker/logs")
     assert_one_line_error(capsys, lambda: train.main(["sweep", *args]),
-                          f"cannot write to blocker/logs/sweep/version_0 (Not a directory: {blocker})")
+                          f"cannot write to blocker/logs/sweep (Not a directory: {blocker})")
     assert blocker.read_text() == "a file where the log folder should go"
     # a read-only folder (probed by creating a temporary file there; as root chmod would not refuse it)
     def refuse(*args, **kwargs):
@@ -210,7 +210,7 @@ def test_unwritable_log_folder_is_a_one_line_error(image_folder, tmp_path, monke
 
     monkeypatch.setattr(outputs.tempfile, "TemporaryFile", refuse)
     assert_one_line_error(capsys, lambda: train.main(["sweep", *sweep_args(root)]),
-                          f"cannot write to lightning_logs/sweep/version_0 (Permission denied: "
+                          f"cannot write to lightning_logs/sweep (Permission denied: "
                           f"{tmp_path})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "cifar"]
 
