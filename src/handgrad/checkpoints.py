@@ -183,7 +183,8 @@ def checkpoint_statistics(checkpoint: dict) -> Optional[tuple[torch.Tensor, torc
     before handgrad stored them."""
     state = checkpoint.get("state_dict", {})
     mean, std = state.get("input_mean"), state.get("input_std")
-    if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+    if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()
+                                               and (std > 0).all()):
         return None
     return mean, std
 

@@ -12,7 +12,8 @@ alone classifies a raw image:
 The statistics are stored in the model's dtype, as the data module's batches are (float32, or float64 under
 ``--trainer.precision 64-true``): they are exactly the values the training images were normalized with (so an
 evaluation from the checkpoint normalizes bitwise as training did), and they follow ``model.to(device)`` to devices
-without float64. NaN means "unknown": an untrained model, or a checkpoint written before handgrad stored them.
+without float64. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown"), as in a checkpoint
+written before handgrad stored them once it is loaded.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ class InputContract:
 
     def register_input_statistics(self) -> None:
         for name in STATISTICS:
-            self.register_buffer(name, torch.full((3,), float("nan")))
+            self.register_buffer(name, torch.zeros(3))  # 0: unknown (not NaN: state dicts stay comparable)
 
     def has_input_statistics(self) -> bool:
-        """Whether the model holds the statistics of its training split."""
-        return bool(torch.isfinite(self.input_mean).all() and torch.isfinite(self.input_std).all())
+        """Whether the model holds the statistics of its training split (a std > 0 in every channel)."""
+        return bool((self.input_std > 0).all() and torch.isfinite(self.input_std).all()
+                    and torch.isfinite(self.input_mean).all())
 
     def take_input_contract(self, datamodule, stage: str) -> None:
         """When fit starts, store the data's class names and training-split statistics (``datamodule.mean``,
@@ -66,8 +68,8 @@ class InputContract:
                               f"model.input_std) before its setup")
 
     def keep_own_statistics_if_missing(self, checkpoint: dict) -> None:
-        """A checkpoint written before the statistics were stored: load it with the model's own (NaN, or those the
-        data module computed), instead of failing on the missing keys."""
+        """A checkpoint written before the statistics were stored: load it with the model's own (0: unknown, or
+        those the data module computed), instead of failing on the missing keys."""
         state = checkpoint.get("state_dict", {})
         for name in STATISTICS:
             state.setdefault(name, getattr(self, name).detach().clone())

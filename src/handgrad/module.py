@@ -93,7 +93,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
     buffers ``input_mean``, ``input_std`` (3,), the per-channel statistics of the training split, set when ``fit``
     starts. They are in the model's dtype, as the data module's batches are (float32, or float64 under
     ``64-true``): they are exactly the values the training images were normalized with, and they follow
-    ``model.to(device)`` to devices without float64. NaN until the model is trained. :meth:`forward` takes
+    ``model.to(device)`` to devices without float64. 0 (unknown) until the model is trained. :meth:`forward` takes
     normalized images; :meth:`classify` takes raw uint8 images.
     """
 
@@ -129,7 +129,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
                               f"model has {self.num_classes} outputs (sizes[-1]); give one name per output or null")
         # the data's names when training starts (setup), else these
         self.class_names = [str(c) for c in class_names] if class_names else [str(k) for k in range(self.num_classes)]
-        self.register_input_statistics()  # input_mean, input_std: NaN until fit starts
+        self.register_input_statistics()  # input_mean, input_std: 0 (unknown) until fit starts
         # Train: each process sees its shard, so train/acc sums its counts over processes; train/loss is fed the
         # global-batch loss (all-reduced with the gradients). Val and test are not sharded: not synced.
         acc = dict(num_classes=self.num_classes, average="micro", validate_args=False)  # validation: a GPU sync
