@@ -232,6 +232,14 @@ def test_a_checkpoint_without_statistics_still_evaluates(trained, tmp_path, caps
     # recomputed from the same split (taken from the checkpoint's data options): the run's numbers
     assert float(test.trainer.callback_metrics["test/acc"]) == float(cli.trainer.callback_metrics["test/acc"])
     assert test.model.has_input_statistics() and torch.equal(test.model.input_mean, cli.datamodule.mean)
+    # its own images: the statistics are recomputed from the data options (the checkpoint's split), then used
+    write_own_images(tmp_path / "photos")
+    rows = {}
+    for name in ("old.ckpt", best):
+        pred = train.main(["predict", "--ckpt_path", str(tmp_path / name), "--predict.images", str(tmp_path / "photos"),
+                           "--data.data_dir", str(root), *QUIET])
+        rows[name] = csv_rows(Path(pred.trainer.log_dir) / "predictions.csv")
+    assert rows["old.ckpt"] == rows[best] and len(rows[best]) == 4
     model = HandgradClassifier.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
     assert not model.has_input_statistics()
     with pytest.raises(Exception, match="holds no input statistics"):

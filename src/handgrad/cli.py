@@ -319,6 +319,8 @@ QUIET_WARNINGS = (
     "The dirpath has changed from",
     # torch deprecates a pytree call that Lightning 2.6 makes on every batch; nothing a user can change
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # predict's writers take each row's index from the batch itself (TensorBatches has no sampler indices)
+    "Couldn't infer the batch indices fetched from your dataloader",
 )
 QUIET_LOG_LINES = ("Tip: For seamless cloud",)  # adverts for cloud services
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -74,7 +75,8 @@ def read_images(paths: Sequence[Path]) -> tuple[Tensor, list[Path], list[tuple[P
             images.append(read_image(p))
             kept.append(p)
         except (RuntimeError, OSError, ValueError) as err:  # torchvision's decoders raise RuntimeError
-            skipped.append((p, (str(err).strip().splitlines() or [type(err).__name__])[0]))
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            skipped.append((p, re.sub(r"^.*?\.(cpp|h):\d+, *", "", why)))  # (torchvision's source location)
     x = torch.stack(images) if images else torch.empty(0, 3, *SIZE, dtype=torch.uint8)
     return x, kept, skipped
 
