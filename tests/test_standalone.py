@@ -21,6 +21,7 @@ from torchvision.transforms.v2.functional import resize
 
 from handgrad.checkpoints import selected_checkpoint
 from handgrad.data import CIFAR10DataModule
+from handgrad.errors import ConfigError
 from handgrad.mlp import MLP
 from handgrad.module import HandgradClassifier
 
@@ -90,7 +91,8 @@ def test_test_with_the_checkpoint_and_only_the_data_dir_gives_the_runs_accuracy(
     assert test.datamodule.class_names == CLASSES and test.datamodule.hparams.split_seed == 7
     assert f"{float(metrics['test/acc']):.4f}" == f"{printed:.4f}"
     run = cli.trainer.callback_metrics  # the main job's own test of its best checkpoint: bitwise the same numbers
-    assert float(metrics["test/acc"]) == float(run["test/acc"]) and float(metrics["test/loss"]) == float(run["test/loss"])
+    assert float(metrics["test/acc"]) == float(run["test/acc"])
+    assert float(metrics["test/loss"]) == float(run["test/loss"])
     assert torch.equal(test.datamodule.test_x, cli.datamodule.test_x)  # normalized exactly as in training
     assert "holds no input statistics" not in capsys.readouterr().err
     # another split typed: its training images have other statistics, the checkpoint's are used all the same
@@ -155,6 +157,26 @@ def test_classify_on_raw_test_images_gives_the_test_loops_predictions(data, imag
     assert 0 < int(loop.sum()) < len(loop)  # both classes predicted: a comparison that can fail
     name, p = model.classify(raw[0])
     assert name == names[0] and torch.allclose(p, probs[0], rtol=1e-6, atol=0)  # (a batch of one: another matmul)
+
+
+def test_python_api_refuses_data_normalized_otherwise_or_of_other_classes(image_folder, tmp_path):
+    """trainer.validate/test(model, dm) with a trained model: the data module must use the model's statistics
+    (dm.use_statistics) and classes; with them it gives the training run's inputs bitwise."""
+    root, _ = image_folder
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path)
+    dm = CIFAR10DataModule(str(root), classes=["airplane", "bird"], batch_size=8, download=False)
+    model = HandgradClassifier(sizes=[3072, 8, 2])
+    L.Trainer(max_steps=2, limit_val_batches=0, **kw).fit(model, dm)
+    other = CIFAR10DataModule(str(root), classes=["airplane", "bird"], val_fraction=0.5, download=False)
+    with pytest.raises(ConfigError, match="normalized with other statistics"):
+        L.Trainer(**kw).test(model, other)
+    same = CIFAR10DataModule(str(root), classes=["airplane", "bird"], val_fraction=0.5, download=False)
+    same.use_statistics(model.input_mean, model.input_std)
+    L.Trainer(**kw).test(model, same)
+    assert torch.equal(same.test_x, dm.test_x)
+    with pytest.raises(ConfigError, match=r"trained on the classes \['airplane', 'bird'\], the data selects"):
+        L.Trainer(**kw).test(model, CIFAR10DataModule(str(root), classes=["bird", "airplane"], download=False))
 
 
 def write_own_images(folder: Path) -> dict:

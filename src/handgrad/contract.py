@@ -62,8 +62,8 @@ class InputContract:
             self.input_std.copy_(std)
         elif not (torch.equal(mean.to(self.input_mean), self.input_mean)
                   and torch.equal(std.to(self.input_std), self.input_std)):
-            raise ConfigError(f"the data is normalized with other statistics (mean {mean.tolist()}, std {std.tolist()}) "
-                              f"than the model was trained with (mean {self.input_mean.tolist()}, std "
+            raise ConfigError(f"the data is normalized with other statistics (mean {mean.tolist()}, std "
+                              f"{std.tolist()}) than the model was trained with (mean {self.input_mean.tolist()}, std "
                               f"{self.input_std.tolist()}); call datamodule.use_statistics(model.input_mean, "
                               f"model.input_std) before its setup")
 
