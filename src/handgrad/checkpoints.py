@@ -235,11 +235,11 @@ def selected_checkpoint(mlp, member: dict, activation: str, epoch: int, global_s
         names = class_names if class_names is not None else data_hparams.get("classes")
         model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS},
                                    class_names=None if names is None else [str(c) for c in names])
-    model.to(mlp.fc["1"].weight.dtype)
+    model.mlp.to(mlp.fc["1"].weight.dtype)
     model.mlp.load_state_dict(mlp.state_dict())
-    if input_mean is not None and input_std is not None:  # in the weights' dtype, as the data module's batches
-        model.input_mean.copy_(input_mean)
-        model.input_std.copy_(input_std)
+    if input_mean is not None and input_std is not None:  # float64, whatever the weights' dtype
+        model.input_mean = torch.as_tensor(input_mean, dtype=torch.float64).detach().cpu().clone()
+        model.input_std = torch.as_tensor(input_std, dtype=torch.float64).detach().cpu().clone()
     return {
         "epoch": epoch,
         "global_step": global_step,

@@ -9,11 +9,12 @@ alone classifies a raw image:
     x_hat_nchw = (x_nchw - 255 mean_c) / (255 std_c)        (handgrad.data.normalize, the data module's formula)
     p_nk       = exp(a^L_nk) / Σ_j exp(a^L_nj)              (softmax of the outputs of forward(x_hat))
 
-The statistics are stored in the model's dtype, as the data module's batches are (float32, or float64 under
-``--trainer.precision 64-true``): they are exactly the values the training images were normalized with (so an
-evaluation from the checkpoint normalizes bitwise as training did), and they follow ``model.to(device)`` to devices
-without float64. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown"), as in a checkpoint
-written before handgrad stored them once it is loaded.
+The statistics are float64, as the data module computes them (exactly, from the pixel histogram) and normalizes
+with them: an evaluation from the checkpoint normalizes bitwise as training did, in float32 as in float64. (float32
+statistics would round them, and the training images would have to be normalized with the rounded values.) The
+model's ``.to(dtype)`` casts them like any buffer; on a device without float64 (Apple's MPS) they are made float32
+when the trainer sets the model up. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown"), as in
+a checkpoint written before handgrad stored them once it is loaded.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class InputContract:
 
     def register_input_statistics(self) -> None:
         for name in STATISTICS:
-            self.register_buffer(name, torch.zeros(3))  # 0: unknown (not NaN: state dicts stay comparable)
+            # 0: unknown (not NaN: state dicts stay comparable)
+            self.register_buffer(name, torch.zeros(3, dtype=torch.float64))
 
     def has_input_statistics(self) -> bool:
         """Whether the model holds the statistics of its training split (a std > 0 in every channel)."""
@@ -67,6 +69,13 @@ class InputContract:
                               f"{self.input_std.tolist()}); call datamodule.use_statistics(model.input_mean, "
                               f"model.input_std) before its setup")
 
+    def statistics_for_device(self, device: torch.device) -> None:
+        """Apple's MPS has no float64: there the statistics are kept in float32 (called from ``setup``, before the
+        trainer moves the model)."""
+        if device.type == "mps":
+            for name in STATISTICS:
+                setattr(self, name, getattr(self, name).float())
+
     def keep_own_statistics_if_missing(self, checkpoint: dict) -> None:
         """A checkpoint written before the statistics were stored: load it with the model's own (0: unknown, or
         those the data module computed), instead of failing on the missing keys."""
@@ -75,7 +84,7 @@ class InputContract:
             state.setdefault(name, getattr(self, name).detach().clone())
 
     def normalize_input(self, images: Tensor) -> Tensor:
-        """uint8 images (N, 3, 32, 32) normalized with the stored statistics, in the model's dtype."""
+        """uint8 images (N, 3, 32, 32) normalized with the stored statistics, in the dtype of the model's weights."""
         from handgrad.data import normalize
 
         if not self.has_input_statistics():
@@ -83,7 +92,8 @@ class InputContract:
                                   "before handgrad stored them): train it, or copy the training data's into it: "
                                   "dm = CIFAR10DataModule(...); dm.setup(); model.input_mean.copy_(dm.mean); "
                                   "model.input_std.copy_(dm.std)")
-        return normalize(images.to(self.input_mean.device), self.input_mean, self.input_std, self.input_mean.dtype)
+        weight = self.mlp.fc["1"].weight
+        return normalize(images.to(weight.device), self.input_mean, self.input_std, weight.dtype)
 
     def probabilities(self, x: Tensor) -> Tensor:
         """p_nk = exp(a^L_nk) / Σ_j exp(a^L_nj): the softmax of the outputs of normalized images x (N, k)."""

@@ -72,12 +72,12 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """x_hat_nchw = (x_nchw / 255 - mean_c) / std_c = (x_nchw - 255 mean_c) / (255 std_c)  for uint8 x.
 
-    Computed in float32 (float64 when that is the target), then cast to `dtype`; the result depends only on the
-    values of mean and std in that working dtype (a model's stored statistics give the data module's batches).
+    Computed in float32 (float64 when that is the target), then cast to `dtype`; 255 mean_c and 255 std_c are
+    computed in float64 and rounded once (the statistics a model stores give the data module's batches bitwise).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    shift = 255 * mean.to(x.device, work).view(1, 3, 1, 1)
-    scale = 255 * std.to(x.device, work).view(1, 3, 1, 1)
+    shift = (255 * mean.double()).to(x.device, work).view(1, 3, 1, 1)
+    scale = (255 * std.double()).to(x.device, work).view(1, 3, 1, 1)
     return x.to(work).sub_(shift).div_(scale).to(dtype)
 
 
@@ -205,7 +205,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.class_names = classes
         self.num_classes = len(classes)
-        self.mean = self.std = None  # the training split's per-channel statistics, in the batches' dtype
+        self.mean = self.std = None  # the training split's per-channel statistics (float64)
         self._given_statistics = None  # (mean, std) from use_statistics(): a checkpoint's, not recomputed
         self.train_x = self.train_y = self.val_x = self.val_y = self.test_x = self.test_y = None
         self.train_idx = self.val_idx = None
@@ -255,10 +255,9 @@ class CIFAR10DataModule(L.LightningDataModule):
 
         x_all, x_test = raw["train_x"].to(device), raw["test_x"].to(device)
         x_train, x_val = x_all[self.train_idx.to(device)], x_all[self.val_idx.to(device)]
-        # the statistics in the batches' dtype: a model stores exactly these values (HandgradClassifier.input_mean),
-        # so normalizing with its stored ones later gives these batches bitwise
+        # a model stores these (HandgradClassifier.input_mean, float64): normalizing with them gives these batches
         mean, std = self._given_statistics or channel_stats(x_train)
-        self.mean, self.std = mean.to("cpu", dtype), std.to("cpu", dtype)
+        self.mean, self.std = mean.to("cpu", torch.float64), std.to("cpu", torch.float64)
         self.train_x = normalize(x_train, self.mean, self.std, dtype)
         self.val_x = normalize(x_val, self.mean, self.std, dtype)
         self.test_x = normalize(x_test, self.mean, self.std, dtype)

@@ -91,10 +91,8 @@ class HandgradClassifier(InputContract, L.LightningModule):
 
     The input contract travels with the weights (so every checkpoint holds it): ``hparams.class_names`` and the
     buffers ``input_mean``, ``input_std`` (3,), the per-channel statistics of the training split, set when ``fit``
-    starts. They are in the model's dtype, as the data module's batches are (float32, or float64 under
-    ``64-true``): they are exactly the values the training images were normalized with, and they follow
-    ``model.to(device)`` to devices without float64. 0 (unknown) until the model is trained. :meth:`forward` takes
-    normalized images; :meth:`classify` takes raw uint8 images.
+    starts: float64, exactly the values the training images were normalized with (:mod:`handgrad.contract`); 0
+    (unknown) until the model is trained. :meth:`forward` takes normalized images; :meth:`classify` raw uint8 ones.
     """
 
     def __init__(
@@ -160,6 +158,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
             # a float64 checkpoint would be copied into float32 parameters (rounded) and only then widened again.
             self.to(torch.float64)
         self.take_input_contract(datamodule, stage)
+        self.statistics_for_device(self.trainer.strategy.root_device)
 
     def configure_callbacks(self) -> list:
         """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model (added once)."""
