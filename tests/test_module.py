@@ -84,7 +84,7 @@ def reference_run(init, batches, epochs=2, lr=0.01, momentum=0.9, weight_decay=0
                   dtype=torch.float64):
     """The same training as a plain PyTorch loop: autograd gradients and torch.optim.SGD, no Lightning."""
     model = HandgradClassifier(SIZES).mlp.to(dtype)
-    model.load_state_dict({k[len("mlp."):]: v for k, v in init.items()})
+    model.load_state_dict({k[len("mlp."):]: v for k, v in init.items() if k.startswith("mlp.")})
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses = []
     for _ in range(epochs):
@@ -237,7 +237,7 @@ def test_train_metrics_are_the_epochs_predictions_before_each_step(tmp_path):
     recomputed by the plain loop (autograd + torch.optim.SGD)."""
     init, model, _ = fit(tmp_path)
     ref = HandgradClassifier(SIZES).mlp.double()
-    ref.load_state_dict({k[len("mlp."):]: v for k, v in init.items()})
+    ref.load_state_dict({k[len("mlp."):]: v for k, v in init.items() if k.startswith("mlp.")})
     opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001)
     for _ in range(2):
         correct, loss_sum, n = 0, 0.0, 0

@@ -40,7 +40,8 @@ def read_csv(path):
 
 def selected_weights(log_dir) -> dict:
     """The state dict of the sweep's selected.ckpt (HandgradClassifier keys mlp.fc.<l>.weight / .bias)."""
-    return torch.load(Path(log_dir) / "selected.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    state = torch.load(Path(log_dir) / "selected.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("mlp.")}  # (not input_mean / input_std)
 
 
 def scalars(run_dir: Path) -> dict:
@@ -245,7 +246,7 @@ def test_selected_checkpoint_is_tested_again_by_train_py(image_folder, tmp_path,
     grid.net.load_state_dict(torch.load(chunk, weights_only=True, map_location="cpu")["final"])
     reference = grid.net.member(best).state_dict()
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")
-    assert sorted(saved["state_dict"]) == sorted(f"mlp.{k}" for k in reference)
+    assert sorted(saved["state_dict"]) == sorted([f"mlp.{k}" for k in reference] + ["input_mean", "input_std"])
     for k, v in reference.items():
         assert torch.equal(saved["state_dict"][f"mlp.{k}"], v), k
     lr, momentum, weight_decay = REFERENCE[best]

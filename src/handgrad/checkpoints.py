@@ -245,24 +245,68 @@ def check_resume(checkpoint: dict, config, path) -> None:
                               f"to start a new run)")
 
 
+def checkpoint_statistics(checkpoint: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The training split's (mean, std) a checkpoint holds (:mod:`handgrad.contract`), or None for one written
+    before handgrad stored them."""
+    state = checkpoint.get("state_dict", {})
+    mean, std = state.get("input_mean"), state.get("input_std")
+    if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()
+                                               and (std > 0).all()):
+        return None
+    return mean, std
+
+
+def evaluation_data_options(checkpoint: dict, config, typed_data: dict, path) -> None:
+    """validate/test/predict --ckpt_path evaluate the checkpoint's task: the data options the user did not type
+    (``typed_data``: the typed ``data`` section) are taken from the checkpoint (its class names, in their order,
+    and its train/val split: val_fraction, split_seed); typed classes other than the checkpoint's are refused
+    (another class set would give its outputs other names, silently)."""
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    classes = checkpoint.get("hyper_parameters", {}).get("class_names") or data.get("classes")
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        asked = config.data.classes
+        asked = [asked] if isinstance(asked, str) else [str(c) for c in asked]
+        if "classes" not in typed_data:
+            config.data.classes = classes
+        elif asked != classes:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on the classes {classes} (outputs 0..{len(classes) - 1} in this "
+                f"order), the options select {asked}; leave --data.classes out (the checkpoint's are then used) or "
+                f"pass --data.classes '[{', '.join(classes)}]'")
+    for key in ("val_fraction", "split_seed"):
+        if key in data and key not in typed_data:
+            config.data[key] = data[key]
+
+
 # ----------------------------------------------------------------------------- a sweep member as a checkpoint
 
 
 def selected_checkpoint(mlp, member: dict, activation: str, epoch: int, global_step: int,
-                        data_hparams: dict, sweep_info: dict) -> dict:
+                        data_hparams: dict, sweep_info: dict, input_mean: Optional[torch.Tensor] = None,
+                        input_std: Optional[torch.Tensor] = None, class_names: Optional[list] = None) -> dict:
     """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
     :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
     so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
-    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory)."""
+    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory).
+
+    The input contract (:mod:`handgrad.contract`): ``input_mean``, ``input_std``, the training split's statistics
+    the sweep's data module normalized with (``datamodule.mean``, ``.std``), and ``class_names`` (default:
+    ``data_hparams["classes"]``). Without the statistics the checkpoint is evaluated as an old one (recomputed)."""
     import lightning as L
 
     from handgrad.search import HPARAMS
     from handgrad.module import HandgradClassifier
 
     with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
-        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS})
-    model.to(mlp.fc["1"].weight.dtype)
+        names = class_names if class_names is not None else data_hparams.get("classes")
+        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS},
+                                   class_names=None if names is None else [str(c) for c in names])
+    model.mlp.to(mlp.fc["1"].weight.dtype)
     model.mlp.load_state_dict(mlp.state_dict())
+    if input_mean is not None and input_std is not None:  # float64, whatever the weights' dtype
+        model.input_mean = torch.as_tensor(input_mean, dtype=torch.float64).detach().cpu().clone()
+        model.input_std = torch.as_tensor(input_std, dtype=torch.float64).detach().cpu().clone()
     return {
         "epoch": epoch,
         "global_step": global_step,

@@ -38,8 +38,8 @@ from torch import Tensor
 
 from handgrad import run_folder
 from handgrad.callbacks import add_lr_monitor
-from handgrad.checkpoints import (ARCHITECTURE, check_architecture, check_resume, disk_full_error, is_disk_full,
-                                  load_for_checks)
+from handgrad.checkpoints import (ARCHITECTURE, check_architecture, check_resume, checkpoint_statistics, disk_full_error,
+                                  evaluation_data_options, is_disk_full, load_for_checks)
 from handgrad.data import CIFAR10DataModule
 from handgrad.errors import ConfigError, HandgradError, check_precision
 from handgrad.module import HandgradClassifier
@@ -135,6 +135,17 @@ class HandgradCLI(LightningCLI):
             "last_checkpoint.filename": "last",  # monitor None, top 1: the latest state, overwritten each time
         })
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            # `predict` alone takes --predict.images; LightningCLI keeps each subcommand's parser in
+            # _subcommand_parsers (2.6; tests/test_standalone.py fails if that changes), add_arguments_to_parser is
+            # called for all of them alike
+            self._subcommand_parsers["predict"].add_argument(
+                "--predict.images", type=Optional[str], default=None,
+                help="predict these images instead of the test split: a PNG/JPEG file, a folder of them or a glob "
+                     "pattern; written to predictions.csv in the run folder (no CIFAR-10 data needed)")
+
     # ---------------------------------------------------------------- before anything is built
 
     def parse_arguments(self, parser, args) -> None:
@@ -155,6 +166,12 @@ class HandgradCLI(LightningCLI):
             if subcommand == "fit":
                 check_resume(checkpoint, config, ckpt_path)
                 resume_in_its_run(config.trainer.logger, ckpt_path)
+            else:
+                evaluation_data_options(checkpoint, config, typed.get("data", {}), ckpt_path)
+            self.checkpoint_statistics = checkpoint_statistics(checkpoint)
+            if self.checkpoint_statistics is None:
+                print(f"notice: checkpoint {ckpt_path} holds no input statistics (written before handgrad stored "
+                      f"them): normalizing with statistics recomputed from the training split", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         try:
@@ -169,11 +186,16 @@ class HandgradCLI(LightningCLI):
 
     # ---------------------------------------------------------------- before the trainer runs
 
+    checkpoint_statistics = None  # (mean, std) of --ckpt_path, if it holds them (parse_arguments)
+
     def preflight(self) -> None:
         """Refuse bad input before anything is written: the output folders, the model against the trainer and
-        the data, then the data itself (prepared and set up here, once: the trainer's setup finds it done)."""
+        the data, then the data itself (prepared and set up here, once: the trainer's setup finds it done). With
+        a --ckpt_path that holds its training split's statistics, the data is normalized with those."""
         trainer, data = self.trainer, self.datamodule
         check_output_dirs(trainer)
+        if self.checkpoint_statistics is not None and hasattr(data, "use_statistics"):
+            data.use_statistics(*self.checkpoint_statistics)
         self.model.preflight(trainer, data)
         if trainer.local_rank == 0:  # other ranks prepare inside the trainer, after rank 0 (its barrier)
             data.trainer = trainer  # the device and dtype the batches need
@@ -199,8 +221,29 @@ class HandgradCLI(LightningCLI):
     before_test = before_validate
 
     def before_predict(self) -> None:
+        images = (self.config["predict"].get("predict") or {}).get("images")
+        if images:
+            self.before_predict_images(images)
+            return
         self.before_validate()
         self.trainer.callbacks.append(PredictionWriter())
+
+    def before_predict_images(self, spec: str) -> None:
+        """`predict --predict.images PATH`: the images replace the data module; the model normalizes them with
+        its checkpoint's statistics (no CIFAR-10 data is read), or, for a checkpoint without them, with those
+        recomputed from --data.* as for any other evaluation."""
+        from handgrad.predict_images import ImageFiles, ImagePredictionWriter, load
+
+        x, files = load(spec)
+        names = self.model.class_names
+        if self.checkpoint_statistics is None:
+            self.before_validate()  # the CIFAR-10 training split, for its statistics (and its class names)
+            self.model.input_mean.copy_(self.datamodule.mean)
+            self.model.input_std.copy_(self.datamodule.std)
+            names = self.datamodule.class_names
+        self.datamodule = ImageFiles(x, files, names, batch_size=self.config["predict"].data.batch_size)
+        self.before_validate()
+        self.trainer.callbacks.append(ImagePredictionWriter(files))
 
 
 def logs_under_default_root_dir(config: Namespace, under: str = "") -> None:
@@ -243,8 +286,8 @@ def resume_in_its_run(logger, ckpt_path) -> None:
 
 class PredictionWriter(BasePredictionWriter):
     """`predict` writes predictions.csv into the run's log folder: per image of the predict set (the test images,
-    in their order) its index, the predicted class and, where the data has labels, the true class; and prints
-    where it is and the accuracy."""
+    in their order) its index, the predicted class, where the data has labels the true class, and the probability
+    of each class (p_<class>, :meth:`HandgradClassifier.classify`); and prints where it is and the accuracy."""
 
     def __init__(self):
         super().__init__(write_interval="batch")
@@ -256,25 +299,26 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        self.rows.append((prediction.cpu(), None if target is None else target.cpu()))
+        self.rows.append((prediction.float().cpu(), None if target is None else target.cpu()))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or not self.rows:
             return
         names = pl_module.class_names
-        pred = torch.cat([p for p, _ in self.rows])
+        probs = torch.cat([p for p, _ in self.rows])
+        pred = probs.argmax(1)
         target = torch.cat([t for _, t in self.rows]) if all(t is not None for _, t in self.rows) else None
         path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["index", "predicted", "predicted_class"] + (["target", "target_class"] if target is not None
-                                                                        else []))
+                                                                        else []) + [f"p_{n}" for n in names])
             for i, p in enumerate(pred.tolist()):
                 row = [i, p, names[p]]
                 if target is not None:
                     row += [int(target[i]), names[int(target[i])]]
-                out.writerow(row)
+                out.writerow(row + [f"{v:.6f}" for v in probs[i].tolist()])
         accuracy = f", accuracy {(pred == target).double().mean():.4f} against the labels" if target is not None else ""
         print(f"predictions of {len(pred)} images written to {path}{accuracy}")
 
@@ -338,6 +382,8 @@ QUIET_WARNINGS = (
     "The dirpath has changed from",
     # torch deprecates a pytree call that Lightning 2.6 makes on every batch; nothing a user can change
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # predict's writers take each row's index from the batch itself (TensorBatches has no sampler indices)
+    "Couldn't infer the batch indices fetched from your dataloader",
 )
 QUIET_LOG_LINES = ("Tip: For seamless cloud",)  # adverts for cloud services
 

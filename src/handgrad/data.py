@@ -72,11 +72,12 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """x_hat_nchw = (x_nchw / 255 - mean_c) / std_c = (x_nchw - 255 mean_c) / (255 std_c)  for uint8 x.
 
-    Computed in float32 (float64 when that is the target), then cast to `dtype`.
+    Computed in float32 (float64 when that is the target), then cast to `dtype`; 255 mean_c and 255 std_c are
+    computed in float64 and rounded once (the statistics a model stores give the data module's batches bitwise).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    shift = (255 * mean).to(x.device, work).view(1, 3, 1, 1)
-    scale = (255 * std).to(x.device, work).view(1, 3, 1, 1)
+    shift = (255 * mean.double()).to(x.device, work).view(1, 3, 1, 1)
+    scale = (255 * std.double()).to(x.device, work).view(1, 3, 1, 1)
     return x.to(work).sub_(shift).div_(scale).to(dtype)
 
 
@@ -204,12 +205,21 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.class_names = classes
         self.num_classes = len(classes)
-        self.mean = self.std = None
+        self.mean = self.std = None  # the training split's per-channel statistics (float64)
+        self._given_statistics = None  # (mean, std) from use_statistics(): a checkpoint's, not recomputed
         self.train_x = self.train_y = self.val_x = self.val_y = self.test_x = self.test_y = None
         self.train_idx = self.val_idx = None
         self.class_counts: dict[str, list[int]] = {}
         self.sample_grid = None  # uint8 (3, H, W): SAMPLES_PER_CLASS training images per class, one row each
         self._logged = False
+
+    def use_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Normalize with these per-channel statistics (a trained model's ``input_mean``/``input_std``) instead of
+        recomputing them from the training split: an evaluation then sees exactly the inputs the model was trained
+        on, whatever the data options. Call it before :meth:`setup`."""
+        if self.train_x is not None:
+            raise RuntimeError("use_statistics() must be called before setup()")
+        self._given_statistics = (torch.as_tensor(mean).detach().cpu(), torch.as_tensor(std).detach().cpu())
 
     def prepare_data(self) -> None:
         cifar_fetch.prepare(self.data_dir, self.hparams.download)
@@ -245,11 +255,12 @@ class CIFAR10DataModule(L.LightningDataModule):
 
         x_all, x_test = raw["train_x"].to(device), raw["test_x"].to(device)
         x_train, x_val = x_all[self.train_idx.to(device)], x_all[self.val_idx.to(device)]
-        mean64, std64 = channel_stats(x_train)
-        self.mean, self.std = mean64.float().cpu(), std64.float().cpu()
-        self.train_x = normalize(x_train, mean64, std64, dtype)
-        self.val_x = normalize(x_val, mean64, std64, dtype)
-        self.test_x = normalize(x_test, mean64, std64, dtype)
+        # a model stores these (HandgradClassifier.input_mean, float64): normalizing with them gives these batches
+        mean, std = self._given_statistics or channel_stats(x_train)
+        self.mean, self.std = mean.to("cpu", torch.float64), std.to("cpu", torch.float64)
+        self.train_x = normalize(x_train, self.mean, self.std, dtype)
+        self.val_x = normalize(x_val, self.mean, self.std, dtype)
+        self.test_x = normalize(x_test, self.mean, self.std, dtype)
         self.train_y, self.val_y, self.test_y = (t.to(device) for t in (train_y[self.train_idx],
                                                                         train_y[self.val_idx], test_y))
         if device.type == "cpu" and self.hparams.pin_memory and torch.cuda.is_available():

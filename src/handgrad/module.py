@@ -36,6 +36,7 @@ from handgrad import losses
 from handgrad.backprop import backward
 from handgrad.callbacks import ClassMetrics, HparamsLogger, StepLogger
 from handgrad.checkpoints import StoppedMidEpoch, check_state_dict_fits
+from handgrad.contract import InputContract
 from handgrad.distributed import all_reduce_gradients, is_distributed, world_size
 from handgrad.errors import (ConfigError, NonFiniteLossError, SetupError, check_model_hyperparameters,  # noqa: F401
                              check_precision, check_sizes_fit_data, check_strategy)
@@ -64,7 +65,7 @@ class WeightedMean(Metric):
         return self.weighted_sum / self.weight
 
 
-class HandgradClassifier(L.LightningModule):
+class HandgradClassifier(InputContract, L.LightningModule):
     """An image classifier ``MLP(sizes, activation)`` trained with manual optimization.
 
     Args:
@@ -86,6 +87,12 @@ class HandgradClassifier(L.LightningModule):
         nan_check_every_n_steps: how often the NaN/inf loss flag is read on the host. None = every step on
             CPU (free there, and no update is made with a bad loss) and every 50 steps on an accelerator (the
             flag lives on the device and records the first bad step; it is also read before every checkpoint).
+        class_names: the name of each output (n_L names); None = taken from the data when training starts.
+
+    The input contract travels with the weights (so every checkpoint holds it): ``hparams.class_names`` and the
+    buffers ``input_mean``, ``input_std`` (3,), the per-channel statistics of the training split, set when ``fit``
+    starts: float64, exactly the values the training images were normalized with (:mod:`handgrad.contract`); 0
+    (unknown) until the model is trained. :meth:`forward` takes normalized images; :meth:`classify` raw uint8 ones.
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class HandgradClassifier(L.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         log_histograms_every_n_steps: int = 0,
         nan_check_every_n_steps: Optional[int] = None,
+        class_names: Optional[list[str]] = None,
     ):
         super().__init__()
         check_model_hyperparameters(
@@ -114,7 +122,12 @@ class HandgradClassifier(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.mlp = MLP(sizes, activation)
         self.num_classes = self.mlp.n_l[-1]
-        self.class_names = [str(k) for k in range(self.num_classes)]  # replaced by the data's in setup()
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ConfigError(f"--model.class_names {list(class_names)} names {len(class_names)} classes, but the "
+                              f"model has {self.num_classes} outputs (sizes[-1]); give one name per output or null")
+        # the data's names when training starts (setup), else these
+        self.class_names = [str(c) for c in class_names] if class_names else [str(k) for k in range(self.num_classes)]
+        self.register_input_statistics()  # input_mean, input_std: 0 (unknown) until fit starts
         # Train: each process sees its shard, so train/acc sums its counts over processes; train/loss is fed the
         # global-batch loss (all-reduced with the gradients). Val and test are not sharded: not synced.
         acc = dict(num_classes=self.num_classes, average="micro", validate_args=False)  # validation: a GPU sync
@@ -144,8 +157,8 @@ class HandgradClassifier(L.LightningModule):
             # Lightning restores checkpoint weights before its precision plugin converts the module: without this,
             # a float64 checkpoint would be copied into float32 parameters (rounded) and only then widened again.
             self.to(torch.float64)
-        if (names := getattr(datamodule, "class_names", None)) is not None:
-            self.class_names = [str(n) for n in names]
+        self.take_input_contract(datamodule, stage)
+        self.statistics_for_device(self.trainer.strategy.root_device)
 
     def configure_callbacks(self) -> list:
         """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model (added once)."""
@@ -163,11 +176,13 @@ class HandgradClassifier(L.LightningModule):
         return opt if self.lr_scheduler is None else {"optimizer": opt, "lr_scheduler": self.lr_scheduler(opt)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another architecture, saying which flags fit it (before Lightning copies it)."""
+        """Refuse a checkpoint of another architecture, saying which flags fit it (before Lightning copies it). A
+        checkpoint written before the statistics were stored keeps the model's own (NaN, or set from the data)."""
         try:
             path = self.trainer.ckpt_path
         except RuntimeError:  # not attached to a trainer: load_from_checkpoint
             path = None
+        self.keep_own_statistics_if_missing(checkpoint)
         check_state_dict_fits(checkpoint, self, path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -288,9 +303,10 @@ class HandgradClassifier(L.LightningModule):
         return self.eval_step("test", batch)
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
-        """The predicted class index of each image."""
+        """The probabilities (N, k) of each image's classes (see :meth:`classify`); a uint8 batch holds raw
+        images, normalized here with the model's statistics."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.mlp(x).argmax(1)
+        return self.probabilities(self.normalize_input(x) if x.dtype == torch.uint8 else x)
 
     def eval_step(self, stage: str, batch) -> Tensor:
         """The loss and the predicted classes (returned for :class:`handgrad.callbacks.ClassMetrics`)."""
