@@ -50,9 +50,6 @@ def run_default(overrides: list[str]) -> HandgradCLI:
     results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best.best_model_path or None)
     if results and "test/acc" in results[0]:
         summary[f"test acc ({which})"] = f"{results[0]['test/acc']:.4f}"
-    if best.best_model_score is not None and trainer.logger is not None:
-        # TensorBoard's HPARAMS tab shows the last hp/val_acc: make it the tested (best) model's, beside its hp/test_acc
-        trainer.logger.log_metrics({"hp/val_acc": float(best.best_model_score)}, step=trainer.global_step)
     print("\nDone.\n" + "\n".join(f"  {key:<16} : {value}" for key, value in summary.items() if value))
     return cli
 

@@ -252,7 +252,7 @@ class HandgradClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.update_from_predictions("train", self.train_acc)  # an epoch cut short (max_steps) has no last batch
-        self.log("train/loss_epoch", self.train_loss)  # mean over the epoch's samples
+        self.log("train/loss", self.train_loss)  # mean over the epoch's samples
         self.log("train/acc", self.train_acc)
         self.raise_if_nonfinite()
 
@@ -323,7 +323,6 @@ class HandgradClassifier(L.LightningModule):
             return
         self.log(f"{stage}/loss", mean_loss)
         self.log(f"{stage}/acc", acc, prog_bar=True)
-        self.log(f"hp/{stage}_acc", acc.compute(), sync_dist=True, reduce_fx="max")  # for the HPARAMS tab
 
     def update_from_predictions(self, stage: str, metric: Metric) -> None:
         """Feed the epoch's kept (predicted class, target) pairs of ``stage`` to the metric in one update, and
