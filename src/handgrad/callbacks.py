@@ -7,7 +7,8 @@
     ClassMetrics      per evaluation epoch: the confusion matrix C (an image and a Markdown table in TensorBoard)
                       and the accuracy of each class, acc_k = C_kk / sum_j C_kj
     HparamsLogger     TensorBoard's HPARAMS tab: the run's hyperparameters against hp/val_acc_last,
-                      hp/val_acc_best and hp/test_acc; the CUSTOM SCALARS charts (train and val together)
+                      hp/val_acc_best, hp/best_epoch, ... and hp/test_acc; the CUSTOM SCALARS charts (train and
+                      val together)
 
 What the pictures and the HPARAMS entries look like, and the tag scheme: :mod:`handgrad.tensorboard_views`.
 
@@ -25,8 +26,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from handgrad.tensorboard_views import (KEY_HPARAMS, METRICS, add_layout, confusion_matrix_image, log_hparams,
-                                      run_hparams, write_experiment)
+from handgrad.tensorboard_views import (KEY_HPARAMS, METRICS, add_layout, confusion_matrix_image, final_metrics,
+                                      log_hparams, run_hparams, write_experiment)
 
 
 def tensorboard(trainer):
@@ -106,16 +107,16 @@ class ClassMetrics(Callback):
 
 class HparamsLogger(Callback):
     """This run's row in TensorBoard's HPARAMS tab and its CUSTOM SCALARS charts (:mod:`handgrad.tensorboard_views`):
-    the hyperparameters when the first fit, validate or test starts; hp/val_acc_last (the last validation's
-    val/acc) and hp/val_acc_best (the best one's, also before a resume) when a fit ends; hp/test_acc when a test
-    ends. A metric without a value is not logged."""
+    the hyperparameters when the first fit, validate or test starts; when a fit ends, the hp/* values of
+    :func:`final_metrics` (the best also over the epochs before a resume); hp/test_acc when a test ends. A metric
+    without a value is not logged."""
 
     def __init__(self):
         self.logged = False
-        self.val_acc: list[float] = []
+        self.val_acc: dict[int, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.val_acc = []
+        self.val_acc = {}
         self.log_once(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -125,15 +126,14 @@ class HparamsLogger(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
-            self.val_acc.append(float(trainer.callback_metrics["val/acc"]))
+            self.val_acc[trainer.current_epoch] = float(trainer.callback_metrics["val/acc"])
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        # the best score of a checkpoint callback on val/acc covers the epochs before a resume too
-        best = [float(c.best_model_score) for c in trainer.checkpoint_callbacks
-                if c.monitor == "val/acc" and c.mode == "max" and c.best_model_score is not None]
-        if self.val_acc:
-            self.log_metrics(trainer, {"hp/val_acc_last": self.val_acc[-1],
-                                       "hp/val_acc_best": max(self.val_acc + best)})
+        scores = [float(c.best_model_score) for c in trainer.checkpoint_callbacks
+                  if c.monitor == "val/acc" and c.mode == "max" and c.best_model_score is not None]
+        last = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/acc", "val/loss")}
+        self.log_metrics(trainer, final_metrics(self.val_acc, last.get("train/acc"),
+                                                last.get("val/loss") if self.val_acc else None, max(scores, default=None)))
 
     def on_test_end(self, trainer, pl_module) -> None:
         if "test/acc" in trainer.callback_metrics:
@@ -148,7 +148,8 @@ class HparamsLogger(Callback):
         if self.logged or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
             return
         params = run_hparams(pl_module.hparams, getattr(trainer.datamodule, "hparams", {}), trainer.max_epochs)
-        write_experiment(trainer.logger, {k: [v] for k, v in params.items()}, METRICS, shown=KEY_HPARAMS)
+        # one run among others in lightning_logs: columns and types, no domains (they would hide the others' values)
+        write_experiment(trainer.logger, {k: [v] for k, v in params.items()}, METRICS, KEY_HPARAMS, domains=False)
         log_hparams(trainer.logger, params)
         add_layout(trainer.logger)
         self.logged = True

@@ -5,18 +5,22 @@ The main job, `fit` and every sweep member write the same tags, so that their ru
     per epoch     train/loss  train/acc  val/loss  val/acc  test/loss  test/acc   (and val|test/acc_<class>)
     per step      train/loss_step  train/grad_norm                                (every log_every_n_steps)
     per epoch     lr-SGD                                                          (Lightning's LearningRateMonitor)
-    once          hp/val_acc_last  hp/val_acc_best  [hp/test_acc]  [hp/selected]  (the HPARAMS tab's metrics)
+    once          hp/val_acc_last  hp/val_acc_best  hp/best_epoch  hp/train_acc_last  hp/val_loss_last
+                  [hp/selected] (sweep)  [hp/test_acc] (where a test ran)      (the HPARAMS tab's metrics)
 
     add_layout(w)              the CUSTOM SCALARS tab: train and val loss on one chart, train and val accuracy on another
     run_hparams(...)           the hyperparameters worth a column in HPARAMS (no paths, no switches of logging)
+    final_metrics(...)         a run's hp/* values from its val accuracy of each epoch (last, best, best epoch)
     write_experiment(w, ...)   HPARAMS's columns: the hyperparameters (those that vary shown first) and the metrics
     log_hparams(w, ...)        one run's row in HPARAMS: its hyperparameters, and the metrics it has
     confusion_matrix_image     class names on both axes, counts in black on light shades
     labelled_grid              the example images, each row led by its class name
 
 ``w`` is a TensorBoardLogger, a ``torch.utils.tensorboard.SummaryWriter`` or (write_experiment) a log folder.
-A sweep calls, per member run: ``add_layout(w)``, ``log_hparams(w, params, metrics)`` with its ``hp/*`` values
-(``hp/selected`` among them), and once at its log root ``write_experiment(root, hparams, SWEEP_METRICS)``.
+A sweep calls, per member run: ``add_layout(w)`` and ``log_hparams(w, params, metrics)`` with
+``params = run_hparams(...)`` and ``metrics = {**final_metrics(...), "hp/selected": 0. or 1.}`` (plus hp/test_acc
+for the selected member only); and once, at its log root, ``write_experiment(root, {name: the members' values},
+SWEEP_METRICS)``. The main job and `fit` write the same through :class:`handgrad.callbacks.HparamsLogger`.
 """
 
 from __future__ import annotations
@@ -33,14 +37,21 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-# The HPARAMS tab's metrics, in the order of its columns (it shows the first five), each with what it means.
+# The HPARAMS tab's metrics, in the order of its columns, each with what it means. TensorBoard shows the first five
+# by default, and its parallel coordinates draw only the runs that have a value in every shown column: hp/test_acc
+# comes sixth, so every run is drawn (a model is chosen by val accuracy; the test set is for the chosen one).
 METRICS = {
     "hp/val_acc_last": "val accuracy of the last epoch",
     "hp/val_acc_best": "val accuracy of the best epoch (the checkpoint kept as best)",
-    "hp/test_acc": "test accuracy of the tested weights: the best checkpoint in the main job, the selected member "
-                   "in a sweep, --ckpt_path in `test`",
+    "hp/best_epoch": "the epoch of hp/val_acc_best, counted from 0 (as in the best checkpoint's name)",
+    "hp/train_acc_last": "train accuracy of the last epoch (beside hp/val_acc_last: the overfitting gap)",
+    "hp/val_loss_last": "val loss of the last epoch",
+    "hp/test_acc": "test accuracy of the tested weights, where a test ran: the best checkpoint in the main job "
+                   "(python train.py), the selected member in a sweep, --ckpt_path in `test`",
 }
-SWEEP_METRICS = {**METRICS, "hp/selected": "1 for the member the sweep selected (best val accuracy), else 0"}
+SWEEP_METRICS = {**{k: v for k, v in METRICS.items() if k != "hp/test_acc"},
+                 "hp/selected": "1 for the member the sweep selected (best val accuracy), else 0",
+                 "hp/test_acc": METRICS["hp/test_acc"]}
 # The hyperparameters a single run shows first (TensorBoard shows five by default; in a sweep: those that vary).
 KEY_HPARAMS = ("lr", "momentum", "weight_decay", "batch_size", "max_epochs")
 # The CUSTOM SCALARS tab: one chart per metric, train and val (and the single test point) together.
@@ -100,12 +111,14 @@ def hparam_value(value) -> HparamValue:
 
 
 def write_experiment(target: Union[Target, str, Path], hparams: Mapping[str, Sequence[HparamValue]],
-                     metrics: Mapping[str, str] = METRICS, shown: Sequence[str] = ()) -> None:
+                     metrics: Mapping[str, str] = METRICS, shown: Sequence[str] = (), domains: bool = True) -> None:
     """HPARAMS's columns: ``hparams`` maps each hyperparameter to the values it takes over the runs, ``metrics``
     each metric tag to its meaning. TensorBoard reads the first such summary it finds under its --logdir, shows
     the first five hyperparameters with ``differs`` set (then the rest, by name) and the first five metrics; without
     one it would guess its columns from every scalar. ``differs`` is set where the values differ, and for the
-    names in ``shown`` (a single run, where nothing differs). A folder as ``target``: written in a run of its own
+    names in ``shown`` (a single run, where nothing differs). ``domains``: the values given are all there are
+    (a sweep); else (one run among others in the same folder) only their type is written, since a domain hides
+    the runs outside it (a value unticked, or off the axis). A folder as ``target``: written in a run of its own
     there (the sweep's log root)."""
     infos = []
     for name, values in hparams.items():
@@ -113,13 +126,16 @@ def write_experiment(target: Union[Target, str, Path], hparams: Mapping[str, Seq
         info = api_pb2.HParamInfo(name=name, differs=len(set(values)) > 1 or name in shown)
         if all(isinstance(v, bool) for v in values):
             info.type = api_pb2.DATA_TYPE_BOOL
-            info.domain_discrete.extend(sorted(set(values)))
+            if domains:
+                info.domain_discrete.extend(sorted(set(values)))
         elif all(isinstance(v, float) for v in values):
             info.type = api_pb2.DATA_TYPE_FLOAT64
-            info.domain_interval.min_value, info.domain_interval.max_value = min(values), max(values)
+            if domains:
+                info.domain_interval.min_value, info.domain_interval.max_value = min(values), max(values)
         else:
             info.type = api_pb2.DATA_TYPE_STRING
-            info.domain_discrete.extend(sorted({str(v) for v in values}))
+            if domains:
+                info.domain_discrete.extend(sorted({str(v) for v in values}))
         infos.append(info)
     metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), description=text)
                     for tag, text in metrics.items()]
@@ -130,6 +146,23 @@ def write_experiment(target: Union[Target, str, Path], hparams: Mapping[str, Seq
             add_summary(writer, summary)
     else:
         add_summary(target, summary)
+
+
+def final_metrics(val_acc: Union[Sequence[float], Mapping[int, float]], train_acc_last: Optional[float] = None,
+                  val_loss_last: Optional[float] = None, best_score: Optional[float] = None) -> dict:
+    """A training run's hp/* values, only those that exist: ``val_acc`` is its val accuracy of each epoch (a list
+    from epoch 0, or {epoch: accuracy}); last, best and the best's epoch (the first of equals, as ModelCheckpoint
+    keeps). ``best_score``: the best over more epochs than these (a resumed run's ModelCheckpoint), when greater
+    the best epoch is unknown."""
+    metrics = {"hp/train_acc_last": train_acc_last, "hp/val_loss_last": val_loss_last}
+    epochs = dict(val_acc) if isinstance(val_acc, Mapping) else dict(enumerate(val_acc))
+    if epochs:
+        best_epoch = max(epochs, key=lambda e: (epochs[e], -e))
+        metrics.update({"hp/val_acc_last": epochs[max(epochs)], "hp/val_acc_best": epochs[best_epoch],
+                        "hp/best_epoch": best_epoch})
+        if best_score is not None and best_score > epochs[best_epoch]:
+            metrics.update({"hp/val_acc_best": best_score, "hp/best_epoch": None})
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
 def log_hparams(target: Target, params: Mapping[str, HparamValue], metrics: Mapping[str, float] = {},
