@@ -49,9 +49,7 @@ METRICS = {
     "hp/test_acc": "test accuracy of the tested weights, where a test ran: the best checkpoint in the main job "
                    "(python train.py), the selected member in a sweep, --ckpt_path in `test`",
 }
-SWEEP_METRICS = {**{k: v for k, v in METRICS.items() if k != "hp/test_acc"},
-                 "hp/selected": "1 for the member the sweep selected (best val accuracy), else 0",
-                 "hp/test_acc": METRICS["hp/test_acc"]}
+SWEEP_METRICS = {"hp/selected": "1 for the member the sweep selected (best val accuracy), else 0", **METRICS}
 # The hyperparameters a single run shows first (TensorBoard shows five by default; in a sweep: those that vary).
 KEY_HPARAMS = ("lr", "momentum", "weight_decay", "batch_size", "max_epochs")
 # The CUSTOM SCALARS tab: one chart per metric, train and val (and the single test point) together.
