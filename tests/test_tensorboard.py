@@ -183,3 +183,27 @@ def test_a_sweeps_experiment_and_member_rows(tmp_path):
         assert set(scalars) == expected  # the NaN and None left out
         assert scalars["hp/selected"] == [float(k == 3)] and [e.step for e in ev.Scalars("hp/selected")] == [7]
         assert {c.title for c in layout(ev).category[0].chart} == {"loss", "accuracy"}
+
+
+def test_a_callers_hparams_logger_replaces_the_models(image_folder, tmp_path):
+    """A sweep's member runs (under its log root, which holds the one experiment) pass HparamsLogger(experiment=False):
+    the model's own is then left out, and the run has its row (hyperparameters, hp/*) but no columns of its own."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from handgrad.callbacks import HparamsLogger
+    from handgrad.data import CIFAR10DataModule
+    from handgrad.module import HandgradClassifier
+
+    root, _ = image_folder
+    ours = HparamsLogger(experiment=False)
+    # (default_hp_metric=False: else Lightning writes HPARAMS columns of its own, an hp_metric of -1)
+    logger = TensorBoardLogger(tmp_path, name="", version="m0", default_hp_metric=False)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=logger,
+                        callbacks=[ours], enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, log_every_n_steps=1)
+    trainer.fit(HandgradClassifier([3072, 8, 2]), CIFAR10DataModule(str(root), batch_size=8, download=False))
+    assert [c for c in trainer.callbacks if isinstance(c, HparamsLogger)] == [ours]
+    ev = events(tmp_path / "m0")
+    assert set(hparams_data(ev)) == {"session_start_info", "session_end_info"}
+    assert values(ev, "hp/val_acc_best") == [max(values(ev, "val/acc"))] and len(values(ev, "val/acc")) == 2

@@ -109,9 +109,11 @@ class HparamsLogger(Callback):
     """This run's row in TensorBoard's HPARAMS tab and its CUSTOM SCALARS charts (:mod:`handgrad.tensorboard_views`):
     the hyperparameters when the first fit, validate or test starts; when a fit ends, the hp/* values of
     :func:`final_metrics` (the best also over the epochs before a resume); hp/test_acc when a test ends. A metric
-    without a value is not logged."""
+    without a value is not logged. ``experiment=False``: no HPARAMS columns of its own (a run under a log root that
+    holds them for all its runs: a sweep's, :func:`handgrad.tensorboard_views.write_experiment`)."""
 
-    def __init__(self):
+    def __init__(self, experiment: bool = True):
+        self.experiment = experiment
         self.logged = False
         self.val_acc: dict[int, float] = {}
 
@@ -149,7 +151,8 @@ class HparamsLogger(Callback):
             return
         params = run_hparams(pl_module.hparams, getattr(trainer.datamodule, "hparams", {}), trainer.max_epochs)
         # one run among others in lightning_logs: columns and types, no domains (they would hide the others' values)
-        write_experiment(trainer.logger, {k: [v] for k, v in params.items()}, METRICS, KEY_HPARAMS, domains=False)
+        if self.experiment:
+            write_experiment(trainer.logger, {k: [v] for k, v in params.items()}, METRICS, KEY_HPARAMS, domains=False)
         log_hparams(trainer.logger, params)
         add_layout(trainer.logger)
         self.logged = True

@@ -148,10 +148,11 @@ class HandgradClassifier(L.LightningModule):
             self.class_names = [str(n) for n in names]
 
     def configure_callbacks(self) -> list:
-        """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model (added once)."""
+        """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model; those of a kind the
+        trainer has already are left out (added once; a caller's own wins, e.g. a sweep's HparamsLogger)."""
         if self._callbacks is None:
             self._callbacks = [StepLogger(self.hparams.log_histograms_every_n_steps), ClassMetrics(), HparamsLogger()]
-        return [c for c in self._callbacks if c not in self.trainer.callbacks]
+        return [c for c in self._callbacks if not any(isinstance(t, type(c)) for t in self.trainer.callbacks)]
 
     def configure_optimizers(self):
         """The same SGD hyperparameters for the hand-written optimizer and torch.optim.SGD."""
