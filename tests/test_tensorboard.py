@@ -148,6 +148,21 @@ def test_final_metrics_last_best_and_best_epoch():
     assert final_metrics([], float("nan"), None) == {}  # no validation: nothing, not NaN
 
 
+def test_run_hparams_names_the_schedule_and_leaves_out_paths():
+    from functools import partial
+
+    from torch.optim.lr_scheduler import StepLR
+
+    model = {"sizes": [3072, 8, 2], "lr": 0.1, "nesterov": True, "log_histograms_every_n_steps": 5,
+             "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 3}}}
+    data = {"data_dir": "/home/me/data", "classes": ["cat", "dog"], "batch_size": 8, "_instantiator": "x"}
+    assert run_hparams(model, data, 30) == {"classes": "cat-dog", "batch_size": 8.0, "sizes": "3072-8-2", "lr": 0.1,
+                                            "nesterov": True, "lr_scheduler": "StepLR(step_size=3)",
+                                            "max_epochs": 30.0}
+    assert run_hparams({"lr_scheduler": partial(StepLR, step_size=2)}, {}, None)["lr_scheduler"] == "StepLR(step_size=2)"
+    assert run_hparams({"lr_scheduler": None}, {}, 1)["lr_scheduler"] == "none"
+
+
 def test_a_sweeps_experiment_and_member_rows(tmp_path):
     """What the sweep writes through the same functions: the experiment at its log root (the varying
     hyperparameters marked, with their domains), and per member its row, hp/test_acc only for the selected one."""

@@ -20,7 +20,11 @@ The main job, `fit` and every sweep member write the same tags, so that their ru
 A sweep calls, per member run: ``add_layout(w)`` and ``log_hparams(w, params, metrics)`` with
 ``params = run_hparams(...)`` and ``metrics = {**final_metrics(...), "hp/selected": 0. or 1.}`` (plus hp/test_acc
 for the selected member only); and once, at its log root, ``write_experiment(root, {name: the members' values},
-SWEEP_METRICS)``. The main job and `fit` write the same through :class:`handgrad.callbacks.HparamsLogger`.
+SWEEP_METRICS)``; a member trained by a Lightning Trainer (HandgradClassifier) gets its row and hp/* from
+``callbacks=[HparamsLogger(experiment=False)]`` and a TensorBoardLogger with ``default_hp_metric=False``, and its
+hp/selected (hp/test_acc) as plain scalars. The main job and `fit` write the same through
+:class:`handgrad.callbacks.HparamsLogger`. TensorBoard takes the first experiment it finds under its --logdir:
+open a sweep at its own log root.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -92,10 +95,20 @@ def run_hparams(model_hparams: Mapping, data_hparams: Mapping, max_epochs: Optio
     params = {k: v for k, v in {**data_hparams, **model_hparams}.items() if k not in skip}
     params["max_epochs"] = max_epochs if max_epochs is not None else -1
     if "lr_scheduler" in params:
-        scheduler = params["lr_scheduler"]
-        params["lr_scheduler"] = "none" if scheduler is None else getattr(scheduler, "__name__", None) or \
-            getattr(scheduler, "func", type(scheduler)).__name__
+        params["lr_scheduler"] = scheduler_name(params["lr_scheduler"])
     return {k: hparam_value(v) for k, v in params.items()}
+
+
+def scheduler_name(scheduler) -> str:
+    """"StepLR(step_size=3)" for the CLI's {class_path, init_args} or a functools.partial; "none" for None."""
+    if scheduler is None:
+        return "none"
+    if isinstance(scheduler, Mapping):
+        name, args = str(scheduler.get("class_path", "?")).rsplit(".", 1)[-1], scheduler.get("init_args") or {}
+    else:
+        func = getattr(scheduler, "func", scheduler)
+        name, args = getattr(func, "__name__", type(func).__name__), getattr(scheduler, "keywords", {})
+    return f"{name}({', '.join(f'{k}={v}' for k, v in args.items())})"
 
 
 def hparam_value(value) -> HparamValue:
