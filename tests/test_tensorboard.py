@@ -104,6 +104,9 @@ def test_main_job_and_fit_write_the_same_tags_and_hparams_columns(runs):
         assert values(ev, "hp/val_loss_last") == [values(ev, "val/loss")[-1]]
     assert ev_main.Scalars("hp/val_acc_best")[0].value == pytest.approx(float(main.best_checkpoint.best_model_score))
     assert values(ev_main, "hp/test_acc") == values(ev_main, "test/acc")  # the best checkpoint's: the one tested
+    text = ev_main.Tensors("job/summary/text_summary")[0].tensor_proto.string_val[0].decode()  # and it says so
+    assert f"| test acc (best) | {values(ev_main, 'test/acc')[0]:.4f} |" in text
+    assert f"| best checkpoint | {main.best_checkpoint.best_model_path} |" in text
     assert hparams_data(ev_fit)["session_start_info"].session_start_info.hparams["lr"].number_value == 0.05
 
     # pictures: at least 400 px wide
