@@ -241,7 +241,7 @@ def labelled_grid(grid: Tensor, class_names: Sequence[str], scale: int = 2, padd
     import torchvision
 
     image = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    f = font(16)
+    f = font(20)  # (TensorBoard's cards show the image about 0.6 times its size)
     left = max(int(f.getlength(n)) for n in class_names) + 16
     row = (grid.shape[1] - padding) / len(class_names) * scale  # a row: padding, then the images
     img = Image.new("RGB", (left + image.shape[2], image.shape[1]), "white")
