@@ -58,7 +58,7 @@ from baseline import sync, timed_epochs, train_plain  # noqa: E402
 from handgrad import losses  # noqa: E402
 from handgrad.backprop import backward  # noqa: E402
 from handgrad.data import CIFAR10DataModule, TensorBatches  # noqa: E402
-from handgrad.grid import GridClassifier  # noqa: E402
+from handgrad.grid_module import GridClassifier  # noqa: E402
 from handgrad.mlp import MLP  # noqa: E402
 from handgrad.module import HandgradClassifier  # noqa: E402
 from handgrad.optim import SGD  # noqa: E402

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from handgrad import activations, losses
 from handgrad.backprop import backpropagation, backward
 from handgrad.mlp import MLP
+from handgrad.verify_checks import central_differences
 
 ACTS = sorted(activations.ACTIVATIONS)
 
@@ -74,16 +75,7 @@ def test_backward_matches_finite_differences(activation, loss):
         eps = 1e-6
         for l in range(1, model.L + 1):
             for p, g in ((model.fc[str(l)].weight, model.dL_dw[l]), (model.fc[str(l)].bias, model.dL_db[l])):
-                fd = torch.empty_like(p)
-                flat, fd_flat = p.view(-1), fd.view(-1)
-                for i in range(flat.numel()):
-                    orig = flat[i].item()
-                    flat[i] = orig + eps
-                    up = fn(model(x))[0]
-                    flat[i] = orig - eps
-                    down = fn(model(x))[0]
-                    flat[i] = orig
-                    fd_flat[i] = (up - down) / (2 * eps)
+                fd = central_differences(lambda: fn(model(x))[0], p.view(-1), range(p.numel()), eps).view_as(p)
                 assert rel_err(g, fd) < 1e-6, f"layer {l}, {tuple(p.shape)}"
 
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from handgrad.grid import (GridClassifier, GridMLP, GridSGD, HPARAMS, expand_grid, grid_backward,
-                           member_name, select_best)
+from handgrad.grid import GridMLP, GridSGD, grid_backward
+from handgrad.grid_module import GridClassifier
+from handgrad.search import HPARAMS, expand_grid, member_name, select_best
 from handgrad.activations import ACTIVATIONS
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
@@ -134,6 +135,48 @@ def test_expand_grid_cartesian_product_and_explicit_list():
     (dict(members=[]), "empty"),
 ])
 def test_expand_grid_errors_say_what_is_wrong(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        expand_grid(**kwargs)
+
+
+def test_random_search_draws_from_each_distribution_reproducibly():
+    space = {"lr": {"log_uniform": [1e-4, 1e-1]}, "momentum": {"uniform": [0.5, 0.99]},
+             "weight_decay": {"choice": [0.0, 0.001]}, "nesterov": [False]}
+    members = expand_grid(grid=space, samples=400, sample_seed=3)
+    assert members == expand_grid(grid=space, samples=400, sample_seed=3)  # seeded: the same members again
+    assert members != expand_grid(grid=space, samples=400, sample_seed=4)
+    lr = [m["lr"] for m in members]
+    assert all(1e-4 <= v <= 1e-1 for v in lr) and all(0.5 <= m["momentum"] <= 0.99 for m in members)
+    # log-uniform: log10(lr) is uniform on [-4, -1], so about a third of the draws fall in each decade
+    decades = [sum(-4 + d <= math.log10(v) < -3 + d for v in lr) for d in range(3)]
+    assert all(100 <= n <= 170 for n in decades), decades
+    assert {m["weight_decay"] for m in members} == {0.0, 0.001} and not any(m["nesterov"] for m in members)
+    assert 150 <= sum(m["weight_decay"] == 0 for m in members) <= 250
+
+
+def test_seeds_repeat_every_configuration_seed_fastest():
+    members = expand_grid(grid={"lr": [0.01, 0.1]}, seeds=[265, 266, 267])
+    assert [(m["lr"], m["seed"]) for m in members] == [(0.01, 265), (0.01, 266), (0.01, 267),
+                                                       (0.1, 265), (0.1, 266), (0.1, 267)]
+    assert member_name(1, members[1]) == "member_01_lr0.01_m0_wd0_s266"
+    model = GridClassifier(members=members[:2], sizes=SIZES, init_seed=SEED)  # each member its own initial MLP
+    for k, seed in enumerate((265, 266)):
+        torch.manual_seed(seed)
+        reference = MLP(SIZES)
+        assert torch.equal(model.net.member(k).fc["1"].weight, reference.fc["1"].weight)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grid={"lr": {"log_uniform": [1e-4, 0.1]}}), "drawing from it needs --model.samples N"),
+    (dict(members=[{"lr": 0.1}], samples=3), "cannot go with `members`"),
+    (dict(grid={"lr": {"log_uniform": [0, 0.1]}}, samples=3), "low > 0"),
+    (dict(grid={"lr": {"uniform": [0.1, 0.01]}}, samples=3), "low <= high"),
+    (dict(grid={"lr": {"normal": [0, 1]}}, samples=3), "is not a distribution"),
+    (dict(grid={"lr": [0.1]}, samples=0), "samples must be an integer >= 1"),
+    (dict(grid={"lr": [0.1]}, seeds=[1, 1]), "distinct integers"),
+    (dict(grid={"lr": {"uniform": [-1, 1]}}, samples=20), "lr must be a finite number >= 0"),
+])
+def test_search_space_errors_say_what_is_wrong(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         expand_grid(**kwargs)
 
@@ -424,9 +467,9 @@ def test_checkpoint_holds_momentum_buffers_and_resume_is_exact(tmp_path):
     assert len(bufs) == 2 * (len(SIZES) - 1) and bufs[0].shape[0] == len(MEMBERS)
     assert saved["optimizer_states"][0]["param_groups"][0]["momentum"] == [m.get("momentum", 0.0) for m in MEMBERS]
 
-    # Lightning restores the weights before the precision plugin casts the module to float64: build it in
-    # float64 already, or the checkpoint's float64 weights are rounded through float32 on the way in.
-    resumed = GridClassifier(members=MEMBERS, sizes=SIZES, init_seed=SEED).double()
+    # built in float32 as the sweep builds it: setup() widens it under 64-true before Lightning restores the
+    # checkpoint's float64 weights (else they would be rounded through float32 on the way in)
+    resumed = GridClassifier(members=MEMBERS, sizes=SIZES, init_seed=SEED)
     trainer(2).fit(resumed, datamodule=data, ckpt_path=ckpt)
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n

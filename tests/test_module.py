@@ -153,7 +153,7 @@ def test_float32_default_and_optimizer_state(tmp_path):
 
 @pytest.mark.parametrize("kind", ["classifier", "grid"])
 def test_an_empty_training_batch_is_named_not_taken_for_divergence(tmp_path, kind):
-    from handgrad.grid import GridClassifier
+    from handgrad.grid_module import GridClassifier
 
     x, y = TensorData().batches("train", torch.float32)[0]
 

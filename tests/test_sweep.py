@@ -12,9 +12,11 @@ import pytest
 import torch
 import yaml
 
-from handgrad import outputs, sweep
-from handgrad.grid import GridClassifier, expand_grid, member_name
-from handgrad.module import ConfigError
+from handgrad import outputs, sweep, sweep_cli
+from handgrad import sweep_report as report
+from handgrad.errors import ConfigError
+from handgrad.grid_module import GridClassifier
+from handgrad.search import expand_grid, member_name
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "grid.yaml"
@@ -51,11 +53,17 @@ def scalars(run_dir: Path) -> dict:
 
 
 def test_grid_config_is_the_reference_grid():
+    """configs/grid.yaml holds only what differs from configs/default.yaml; the sweep starts from default.yaml."""
     cfg = yaml.safe_load(CONFIG.read_text())
     members = [(m["lr"], m["momentum"], m["weight_decay"]) for m in cfg["model"]["members"]]
     assert members == REFERENCE
-    assert cfg["trainer"]["max_epochs"] == 30 and cfg["data"]["batch_size"] == 256
-    assert isinstance(cfg["model"]["init_seed"], int) and cfg["data"]["classes"] == ["airplane", "bird"]
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    for section in ("trainer", "data"):
+        assert not {k: v for k, v in cfg.get(section, {}).items() if default[section].get(k) == v}, section
+    resolved = sweep_cli.SweepCLI(args=["--config", str(CONFIG)]).config  # what the sweep runs with
+    assert resolved.trainer.max_epochs == 30 and resolved.data.batch_size == 256
+    assert isinstance(resolved.model.init_seed, int) and resolved.data.classes == ["airplane", "bird"]
+    assert resolved.model.sizes == [3072, 512, 128, 32, 2] and resolved.seed_everything == 265
 
 
 def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_path, monkeypatch, capsys):
@@ -81,7 +89,7 @@ def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_pa
     for result in (batched, sequential):
         log_dir = Path(result["log_dir"])
         rows = read_csv(log_dir / "results.csv")
-        assert list(rows[0]) == list(sweep.COLUMNS) and len(rows) == 6
+        assert list(rows[0]) == list(report.COLUMNS) and len(rows) == 6
         assert [(float(r["lr"]), float(r["momentum"]), float(r["weight_decay"])) for r in rows] == REFERENCE
         assert all(r["status"] == "ok" for r in rows)
         # the selection, recomputed from the file: highest val acc, then lowest val loss, then first
@@ -133,27 +141,6 @@ def test_diverging_member_is_reported_failed_and_the_others_finish(image_folder,
     assert statuses[0] == statuses[1]  # batched and one-by-one agree on when it failed
 
 
-def test_members_split_over_two_devices_match_one_device(image_folder, tmp_path, monkeypatch):
-    """--trainer.devices 2 on CPU: two worker processes with 2 + 1 members, merged here."""
-    root, _ = image_folder
-    monkeypatch.chdir(tmp_path)
-    members = '[{lr: 0.01}, {lr: 0.01, momentum: 0.9}, {lr: 0.02, momentum: 0.8, weight_decay: 0.01}]'
-    args = sweep_args(root, "--model.members", members, "--trainer.precision", "64-true",
-                      "--trainer.accelerator", "cpu")
-    one = sweep.main(args)
-    two = sweep.main(args + ["--trainer.devices", "2"])
-    assert two["mode"] == "batched, split over 2 devices"
-    assert sorted(p.name for p in Path(two["log_dir"]).glob("worker_*.pt")) == ["worker_0.pt", "worker_1.pt"]
-    for name in one["history"]:
-        for a, b in zip(one["history"][name], two["history"][name], strict=True):
-            assert a == pytest.approx(b, rel=1e-12)
-    assert one["best"] == two["best"]
-    assert one["rows"][one["best"]]["test_acc"] == pytest.approx(two["rows"][two["best"]]["test_acc"], abs=1e-12)
-    w_one, w_two = selected_weights(one["log_dir"]), selected_weights(two["log_dir"])
-    for k in w_one:
-        torch.testing.assert_close(w_one[k], w_two[k], rtol=1e-12, atol=1e-15)
-
-
 def test_bad_grid_is_explained(image_folder, tmp_path, monkeypatch):
     root, _ = image_folder
     monkeypatch.chdir(tmp_path)
@@ -178,6 +165,13 @@ BAD_OPTIONS = [  # (options, what the one-line error must say)
      "the data has 2 classes ['airplane', 'bird']; set --model.sizes '[3072, 16, 2]'"),
     (["--trainer.precision", "bf16-mixed"], "--trainer.precision bf16-mixed is not supported"),
     (["--sequential", "--model.init_seed", "null"], "--sequential needs --model.init_seed"),
+    (["--sequential", "--select", "best_epoch"], "--sequential keeps only the last ones"),
+    (["--model.members_per_step", "0"], "--model.members_per_step must be >= 1"),
+    (["--model.members", "null", "--model.grid", "{lr: {uniform: [0.01, 0.1]}}"], "needs --model.samples N"),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"],
+     "the sweep runs on one device or on Lightning's ddp strategy, not ddp_spawn"),
+    (["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"],  # called from Python
+     "a sweep over several processes is started from the command line"),
 ]
 
 
@@ -226,10 +220,10 @@ def test_results_table_shows_booleans_as_the_config_writes_them():
                {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.001, "dampening": 0.5, "nesterov": False}]
     history = {"train_loss": [[0.5, 0.25]], "train_acc": [[0.75, 0.5]], "val_loss": [[0.125, 2.0]],
                "val_acc": [[0.875, 0.5]]}
-    rows = sweep.results_table(members, history, failed_epoch=[-1, -1], best=0, test={"test_acc": 0.8125})
-    assert sweep.markdown(rows).splitlines()[2:] == [
-        "| 0 | 0.01 | 0.9 | 0 | 0 | true | ok | 0.5000 | 0.7500 | 0.1250 | 0.8750 | 0.8125 | yes |",
-        "| 1 | 0.1 | 0 | 0.001 | 0.5 | false | ok | 0.2500 | 0.5000 | 2.0000 | 0.5000 |  |  |",
+    rows = report.results_table(members, history, failed_epoch=[-1, -1], best=0, test={"test_acc": 0.8125})
+    assert report.markdown(rows).splitlines()[2:] == [
+        "| 0 | 0.01 | 0.9 | 0 | 0 | true |  | ok | 0.5000 | 0.7500 | 0.1250 | 0.8750 | 0.8750 | 0 | 0.8125 | yes |",
+        "| 1 | 0.1 | 0 | 0.001 | 0.5 | false |  | ok | 0.2500 | 0.5000 | 2.0000 | 0.5000 | 0.5000 | 0 |  |  |",
     ]
 
 
@@ -244,11 +238,11 @@ def test_selected_checkpoint_is_tested_again_by_train_py(image_folder, tmp_path,
     ckpt = log_dir / "selected.ckpt"
     assert result["selected_ckpt"] == ckpt and f"selected checkpoint: {ckpt}" in out
 
-    # the reference: member `best` of the grid's own last checkpoint, written by Lightning during the sweep
-    [grid_ckpt] = (log_dir / "checkpoints").glob("epoch=1-*.ckpt")
+    # the reference: member `best` of the grid's final weights, as the sweep saved its chunk of members
+    [chunk] = (log_dir / "chunks").glob("chunk_*.pt")
     grid = GridClassifier(members=[{"lr": lr, "momentum": m, "weight_decay": wd} for lr, m, wd in REFERENCE],
                           sizes=[3072, 16, 2])
-    grid.load_state_dict(torch.load(grid_ckpt, weights_only=True, map_location="cpu")["state_dict"])
+    grid.net.load_state_dict(torch.load(chunk, weights_only=True, map_location="cpu")["final"])
     reference = grid.net.member(best).state_dict()
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert sorted(saved["state_dict"]) == sorted(f"mlp.{k}" for k in reference)
@@ -272,3 +266,100 @@ def test_reference_grid_on_real_images(real_cifar, tmp_path, monkeypatch):
                          "--trainer.enable_progress_bar", "false"])
     best = result["rows"][result["best"]]
     assert best["val_acc"] >= 0.84 and best["test_acc"] >= 0.845
+
+
+def test_validation_every_second_epoch_keeps_its_curves_and_histories_agree(image_folder, tmp_path, monkeypatch):
+    """Issue 11, bug 2: with validation every 2nd epoch the member runs keep their val curves (at the steps where
+    validation ran), and the batched and --sequential histories hold the same rows (no stale val rows)."""
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    members = '[{lr: 0.01}, {lr: 0.02, momentum: 0.9}]'
+    args = sweep_args(root, "--model.members", members, "--trainer.check_val_every_n_epoch", "2",
+                      "--trainer.precision", "64-true", epochs=3)
+    results = [sweep.main(args), sweep.main(args + ["--sequential"])]
+    for result in results:
+        assert [len(result["history"][name]) for name in ("train_loss", "train_acc", "val_loss", "val_acc")] == \
+            [3, 3, 1, 1]
+        for k, m in enumerate(expand_grid(members=yaml.safe_load(members))):
+            s = scalars(Path(result["log_dir"]) / member_name(k, m))
+            assert [step for step, _ in s["val/acc"]] == [8]  # after epoch 2 of 4 steps each
+            assert [step for step, _ in s["train/loss"]] == [4, 8, 12]
+            assert s["val/acc"][0][1] == pytest.approx(result["history"]["val_acc"][0][k], abs=1e-6)
+    batched, sequential = results
+    for name in ("train_loss", "val_loss", "val_acc"):
+        for b, q in zip(batched["history"][name], sequential["history"][name], strict=True):
+            assert b == pytest.approx(q, rel=1e-6, abs=1e-6), name
+
+
+def test_selection_rules_and_seed_means():
+    """--select last|best_epoch on hand-made histories; with repeated seeds a configuration wins by its mean."""
+    members = expand_grid(members=[{"lr": 0.01}, {"lr": 0.1}], seeds=[1, 2])  # A1 A2 B1 B2
+    history = {"train_loss": [[0.5] * 4] * 2, "train_acc": [[0.5] * 4] * 2,
+               "val_acc": [[0.95, 0.9, 0.7, 0.8], [0.6, 0.5, 0.8, 0.7]], "val_loss": [[0.3, 0.3, 0.2, 0.1]] * 2}
+    steps = {"train_step": [4, 8], "val_epoch": [0, 1], "val_step": [4, 8]}
+    rows = report.results_table(members, history, [-1] * 4, None, {}, steps)
+    assert [r["best_val_acc"] for r in rows] == [0.95, 0.9, 0.8, 0.8] and [r["best_epoch"] for r in rows] == [0, 0, 1, 0]
+    # last: A's mean 0.55 < B's 0.75, then B's better seed; best_epoch: A's mean 0.925 > B's 0.8, then A's better seed
+    assert report.select(rows, "last") == 2 and report.select(rows, "best_epoch") == 0
+    rows[2]["selected"], rows[2]["test_acc"] = True, 0.75
+    by = report.by_config(rows)
+    assert [r["seeds"] for r in by] == ["1 2", "1 2"] and [r["selected"] for r in by] == [False, True]
+    assert by[0]["val_acc_mean"] == pytest.approx(0.55) and by[0]["val_acc_std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert by[1]["best_val_acc_mean"] == pytest.approx(0.8) and by[1]["best_val_acc_std"] == 0
+    md = report.markdown(by, report.CONFIG_COLUMNS).splitlines()
+    assert md[3].startswith("| 1 | 0.1 | 0 | 0 | 0 | false | 1 2 | ok | 0.5000 ± 0.0000 |") and "| 0.7500 | yes |" in md[3]
+    one_seed = expand_grid(members=[{"lr": 0.01}, {"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}])  # members compete alone
+    rows = report.results_table(one_seed, history, [-1] * 4, None, {}, steps)
+    assert report.select(rows, "last") == 2 and report.select(rows, "best_epoch") == 0
+
+
+def test_seeds_and_best_epoch_selection_end_to_end(image_folder, tmp_path, monkeypatch, capsys):
+    """Repeated seeds give mean ± std columns; --select best_epoch saves the selected member's best-epoch weights,
+    which `train.py validate|test --ckpt_path selected.ckpt` evaluate to the table's numbers; the sweep logs under
+    --trainer.default_root_dir."""
+    root, _ = image_folder
+    monkeypatch.chdir(tmp_path)
+    result = sweep.main(sweep_args(root, "--model.members", "[{lr: 0.05}, {lr: 0.5, momentum: 0.9}]",
+                                   "--model.seeds", "[1, 2]", "--select", "best_epoch",
+                                   "--trainer.default_root_dir", "out", epochs=3))
+    log_dir, best, rows = Path(result["log_dir"]), result["best"], result["rows"]
+    assert log_dir == Path("out/lightning_logs/sweep/version_0") and not (tmp_path / "lightning_logs").exists()
+    by = read_csv(log_dir / "results_by_config.csv")
+    assert [r["seeds"] for r in by] == ["1 2", "1 2"] and "val_acc_mean" in by[0] and "val_acc_std" in by[0]
+    for c, r in enumerate(by):
+        values = [rows[k]["best_val_acc"] for k in (2 * c, 2 * c + 1)]
+        assert float(r["best_val_acc_mean"]) == pytest.approx(sum(values) / 2)
+        assert float(r["best_val_acc_std"]) == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    assert " ± " in (log_dir / "results_by_config.md").read_text()
+    assert all(r["best_val_acc"] >= r["val_acc"] for r in rows)
+    assert rows[best]["best_epoch"] < 2 and rows[best]["best_val_acc"] > rows[best]["val_acc"]  # not the last weights
+    # selected.ckpt: the best-epoch weights of the selected member, as the chunk saved them
+    [chunk] = (log_dir / "chunks").glob("chunk_*.pt")
+    saved = torch.load(chunk, weights_only=True, map_location="cpu")["best"]
+    ckpt = torch.load(log_dir / "selected.ckpt", weights_only=True, map_location="cpu")
+    for name, w in saved.items():
+        assert torch.equal(ckpt["state_dict"][f"mlp.{name}"], w[best]), name
+    assert ckpt["epoch"] == rows[best]["best_epoch"] and ckpt["handgrad_sweep"]["select"] == "best_epoch"
+    for command, metric, expected in (("validate", "val/acc", rows[best]["best_val_acc"]),
+                                      ("test", "test/acc", rows[best]["test_acc"])):
+        cli = train.main([command, "--config", str(REPO / "configs" / "airplane_bird.yaml"), "--data.data_dir",
+                          str(root), "--ckpt_path", str(log_dir / "selected.ckpt"), "--trainer.enable_progress_bar",
+                          "false", "--trainer.default_root_dir", "out"])
+        assert float(cli.trainer.callback_metrics[metric]) == pytest.approx(expected, abs=1e-6), command
+
+
+def test_default_members_per_step(monkeypatch):
+    """Unset, K is 16 on a CPU; on a GPU half the free memory over one member's share (its parameters in weights,
+    gradients, momentum, SGD work tensor and, with best_epoch, the best copy; its activations for one batch)."""
+    from handgrad.sweep_ranks import default_members_per_step
+
+    sizes = [3072, 512, 128, 32, 2]
+    assert default_members_per_step(torch.device("cpu"), sizes, 256, torch.float32, keep_best=False) == 16
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 140 * 2**30))
+    params = 3072 * 512 + 512 + 512 * 128 + 128 + 128 * 32 + 32 + 32 * 2 + 2
+    for keep_best, copies in ((False, 4), (True, 5)):
+        per_member = 4 * (copies * params + 3 * 256 * (512 + 128 + 32 + 2))
+        assert default_members_per_step(torch.device("cuda", 0), sizes, 256, torch.float32, keep_best) == \
+            40 * 2**30 // per_member
+    assert default_members_per_step(torch.device("cuda", 0), sizes, 256, torch.float64, False) == \
+        40 * 2**30 // (8 * (4 * params + 3 * 256 * 674))

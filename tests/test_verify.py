@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +20,7 @@ from handgrad.data import CIFAR10DataModule
 from handgrad.mlp import MLP
 from handgrad.optim import SGD
 from handgrad.verify_checks import check_autograd, check_finite_differences, check_sgd, course_subject, ulp_distance
+from test_distributed import two_processes  # (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 COURSE = Path(__file__).with_name("course_models.py")
@@ -97,6 +95,19 @@ def test_a_config_saved_by_fit_and_a_checkpoint_s_weights(args, tmp_path):
     assert_worst_is_autograds(report["rows"], args[2], trained)
 
 
+
+def test_default_root_dir_holds_the_run_folder(args, tmp_path, capsys):
+    """As for fit (tests/test_cli.py): the run folder (verify.json, config.yaml, TensorBoard) is under
+    --trainer.default_root_dir, not the working directory."""
+    root = tmp_path / "runs"
+    report = train.main([*args, "--trainer.default_root_dir", str(root), "--verify.sgd_steps", "1",
+                         "--verify.fd_samples", "1"])
+    run = root / "lightning_logs" / "version_0"
+    assert json.loads((run / "verify.json").read_text())["rows"] == report["rows"]
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert f"report: {run / 'verify.json'}" in capsys.readouterr().out
+    assert not (tmp_path / "lightning_logs").exists()
+
 @pytest.mark.parametrize("extra, message", [
     ([f"--verify.model={COURSE}:CourseNet", "--verify.sizes=[3072, 8, 4, 2]"], None),
     ([f"--verify.model={COURSE}:WrongTanhNet", "--verify.sizes=[3072, 8, 4, 2]"], "layer 2 dL_dw"),
@@ -168,7 +179,7 @@ def test_course_net_passes_checks_and_wrong_derivative_does_not():
     (["--verify.optimizer", "torch.optim:NoSuchSGD"], "--verify.optimizer torch.optim:NoSuchSGD: cannot import"),
     (["--verify.fd_samples", "0"], "--verify.fd_samples must be an integer >= 1"),
     (["--verify.sizes", "[3072, 8, 3]"], "the model has 3 outputs"),
-    (["--ckpt_path", str(COURSE)], "cannot be read as a handgrad checkpoint"),
+    (["--ckpt_path", str(COURSE)], "is not a handgrad checkpoint"),
 ])
 def test_bad_input_is_one_error_line(args, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -183,14 +194,7 @@ def test_data_parallel_all_reduced_gradient_equals_the_global_batch_gradient(ima
     cmd = [sys.executable, str(REPO / "train.py"), "verify", "--data.data_dir", str(image_folder[0]),
            "--model.sizes", "[3072, 8, 2]", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--verify.sgd_steps", "1", "--verify.fd_samples", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's second process is in the same session
-        pytest.fail(f"the 2-process verify did not finish in 240 s:\n{proc.communicate()[0][-5000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    two_processes(cmd, tmp_path)  # (it fails on a timeout or a nonzero exit code, with the output)
     rows = json.loads((tmp_path / "lightning_logs" / "version_0" / "verify.json").read_text())["rows"]
     parallel = [r for r in rows if r["check"].startswith("data parallel")]
     assert [r["check"] for r in parallel] == ["data parallel float64"] * 4 + ["data parallel float32"] * 4

@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
+import threading
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,10 +33,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from handgrad import run_folder
 from handgrad.callbacks import add_lr_monitor
-from handgrad.checkpoints import ARCHITECTURE, check_architecture, check_resume, load_for_checks
+from handgrad.checkpoints import (ARCHITECTURE, check_architecture, check_resume, disk_full_error, is_disk_full,
+                                  load_for_checks)
 from handgrad.data import CIFAR10DataModule
 from handgrad.errors import ConfigError, HandgradError, check_precision
 from handgrad.module import HandgradClassifier
@@ -46,11 +52,48 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 class RunLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger with this project's defaults: runs in <save_dir>/lightning_logs/version_N, where
     save_dir None (the default) means --trainer.default_root_dir, else the working directory (Lightning's convention
-    for its own default logger); and no hp_metric placeholder (the HPARAMS tab shows hp/val_acc and hp/test_acc)."""
+    for its own default logger); and no hp_metric placeholder (HPARAMS shows the hp/* of handgrad.tensorboard_views).
+    Its version_N folder is reserved and locked when the version is first asked for (:mod:`handgrad.run_folder`),
+    which the CLI does after its checks: runs (and sweeps, whose default logger this is too) started together in one
+    folder never share it; Lightning's would pick the same N for each."""
 
     def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
                  version: Optional[Union[int, str]] = None, default_hp_metric: bool = False, **kwargs):
         super().__init__(save_dir or ".", name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+        self._lock: Optional[int] = None
+        self._claimed = False
+
+    @property
+    def version(self) -> Union[int, str]:
+        """This run's version, its folder made and locked on first use (on global rank 0, which writes the logs):
+        runs started together get a folder each; a folder another live process holds is refused (run_folder)."""
+        # (_version, _get_next_version: TensorBoardLogger's own, the version asked for and 1 + the highest
+        # version_* on disk; tests/test_concurrency.py fails if they change)
+        if rank_zero_only.rank == 0 and not self._claimed and "://" not in str(self.root_dir):
+            self._version, self._lock = run_folder.claim(Path(self.root_dir), self._version, self._get_next_version)
+            self._claimed = True
+        elif self._version is None:
+            self._version = self._get_next_version()
+        return self._version
+
+    def planned_log_dir(self) -> str:
+        """Where the run's folder is or will be, without making or locking it (the checks before a run)."""
+        if self._version is None:
+            return self.root_dir
+        return os.path.join(self.root_dir, self._version if isinstance(self._version, str)
+                            else f"version_{self._version}")
+
+    def finalize(self, status: str) -> None:
+        """Flush and close the event files and let go of the run folder. After a failure (which is what the user
+        must see), a failure to flush (a full disk) is not raised over it."""
+        try:
+            super().finalize(status)
+        except (OSError, RuntimeError):
+            if status == "success":
+                raise
+        finally:
+            run_folder.release(self._lock)  # (a later use of the logger, e.g. a test after fit, does not re-lock)
+            self._lock = None
 
 
 RUN_LOGGER = f"{__name__}.RunLogger"
@@ -136,6 +179,8 @@ class HandgradCLI(LightningCLI):
             data.trainer = trainer  # the device and dtype the batches need
             data.prepare_data()
             data.setup(self.subcommand or "fit")
+        for logger in trainer.loggers:  # all checked: the run's folder is made and locked now (RunLogger.version)
+            logger.version
 
     def before_fit(self) -> None:
         self.preflight()
@@ -256,11 +301,30 @@ def check_config_files(args: list[str]) -> None:
 def exit_on_user_error():
     """A :class:`HandgradError` (bad option, missing data, unusable checkpoint, diverged run) ends the program with
     one line ``error: ...`` on stderr and the error's exit code (2; 1 for a diverged run), without a traceback."""
+    hook = threading.excepthook
+    threading.excepthook = partial(quiet_disk_full_in_threads, hook)
     try:
         yield
     except HandgradError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception as err:  # noqa: BLE001 (a full disk, whatever wrapped its OSError: Lightning's loggers do)
+        if not is_disk_full(err):
+            raise
+        where = Path(err.filename).parent if getattr(err, "filename", None) else run_folder.last_claimed
+        err = disk_full_error(where, "writing the run's logs (TensorBoard events, config.yaml, hparams.yaml)")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    finally:
+        threading.excepthook = hook
+
+
+def quiet_disk_full_in_threads(hook, args) -> None:
+    """TensorBoard writes its event files in a thread: when the disk is full, the thread dies with a traceback and
+    the next write in the main thread raises the same OSError, which becomes the one `error:` line. Other
+    exceptions in threads go to ``hook`` (printed as usual)."""
+    if not is_disk_full(args.exc_value):
+        hook(args)
 
 
 # Lightning notices that say nothing about this project's runs, silenced by their text (the only handle Python's

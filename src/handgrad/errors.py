@@ -7,7 +7,8 @@
     ├── DataNotFoundError         no data where --data.data_dir points, and none could be fetched
     ├── BadDataError              data that is there but unusable (corrupt image, missing class, ...)
     ├── OutputDirError            a log or checkpoint folder that cannot be written (read-only, disk full)
-    └── NonFiniteLossError        training diverged (NaN/inf loss): exit code 1, the run itself failed
+    ├── NonFiniteLossError        training diverged (NaN/inf loss): exit code 1, the run itself failed
+    └── RankLostError             a process of a sweep stopped (killed, out of memory): exit code 1
 
 The command line (:mod:`handgrad.cli`) catches :class:`HandgradError` once and exits with ``err.exit_code``.
 """
@@ -53,6 +54,12 @@ class OutputDirError(HandgradError, RuntimeError):
 
 class NonFiniteLossError(HandgradError, RuntimeError):
     """The training loss became NaN or infinite; the message names the step. Exit code 1: the run failed."""
+
+    exit_code = 1
+
+
+class RankLostError(HandgradError, RuntimeError):
+    """Another process of a multi-process sweep stopped; the message names it and says how to resume. Exit code 1."""
 
     exit_code = 1
 

@@ -118,15 +118,33 @@ def locked(folder: Path):
     try:
         yield
     finally:
-        if fd is not None:
-            try:
-                os.unlink(folder / LOCK_NAME)  # while still held: a waiter then sees another file and retries
-            except OSError:
-                pass
-            os.close(fd)
+        release(folder, fd)  # the file is removed while still held: a waiter then sees another file and retries
 
 
-def _acquire(path: Path) -> int | None:
+class LockHeld(Exception):
+    """Another live process holds the lock (:func:`hold`); ``str()`` names it, e.g. 'process 123 on host'."""
+
+
+def hold(folder: Path) -> int | None:
+    """Take ``folder/.handgrad-lock`` without waiting and keep it until :func:`release` (or until the process ends,
+    however it ends: the kernel lets go of a dead process's flock, so a lock file left by a killed process is taken
+    over). Raise :class:`LockHeld` naming the holder while a live process holds it; None where no lock file can be
+    made (read-only folder, a file system without flock)."""
+    return _acquire(folder / LOCK_NAME, wait=False)
+
+
+def release(folder: Path, fd: int | None) -> None:
+    """Let go of a lock taken with :func:`hold`, removing its file (while still held: see :func:`locked`)."""
+    if fd is None:
+        return
+    try:
+        os.unlink(folder / LOCK_NAME)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _acquire(path: Path, wait: bool = True) -> int | None:
     waited = False
     while True:
         try:
@@ -138,6 +156,10 @@ def _acquire(path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                holder = _holder(path)
+                os.close(fd)
+                raise LockHeld(holder) from None
             if not waited:
                 rank_zero_info(f"waiting for {_holder(path)}, which is preparing the data in {path.parent}...")
                 waited = True

@@ -35,7 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from handgrad import losses
 from handgrad.backprop import backward
 from handgrad.callbacks import ClassMetrics, HparamsLogger, StepLogger
-from handgrad.checkpoints import check_state_dict_fits
+from handgrad.checkpoints import StoppedMidEpoch, check_state_dict_fits
 from handgrad.distributed import all_reduce_gradients, is_distributed, world_size
 from handgrad.errors import (ConfigError, NonFiniteLossError, SetupError, check_model_hyperparameters,  # noqa: F401
                              check_precision, check_sizes_fit_data, check_strategy)
@@ -151,7 +151,8 @@ class HandgradClassifier(L.LightningModule):
         """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model; those of a kind the
         trainer has already are left out (added once; a caller's own wins, e.g. a sweep's HparamsLogger)."""
         if self._callbacks is None:
-            self._callbacks = [StepLogger(self.hparams.log_histograms_every_n_steps), ClassMetrics(), HparamsLogger()]
+            self._callbacks = [StepLogger(self.hparams.log_histograms_every_n_steps), ClassMetrics(), HparamsLogger(),
+                               StoppedMidEpoch()]
         return [c for c in self._callbacks if not any(isinstance(t, type(c)) for t in self.trainer.callbacks)]
 
     def configure_optimizers(self):

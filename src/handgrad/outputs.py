@@ -12,7 +12,9 @@ def output_dirs(trainer) -> dict:
     """The folders the trainer's loggers and checkpoint callbacks write to, each with the option that moves it."""
     dirs = {}
     for logger in trainer.loggers:
-        dirs[getattr(logger, "log_dir", None) or logger.save_dir] = "--trainer.logger.init_args.save_dir DIR"
+        # (a RunLogger makes and locks its version folder when log_dir is first read: only after these checks)
+        d = logger.planned_log_dir() if hasattr(logger, "planned_log_dir") else getattr(logger, "log_dir", None)
+        dirs[d or logger.save_dir] = "--trainer.logger.init_args.save_dir DIR"
     if not trainer.loggers:
         dirs[trainer.default_root_dir] = "--trainer.default_root_dir DIR"
     for cb in trainer.checkpoint_callbacks:

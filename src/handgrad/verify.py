@@ -13,7 +13,8 @@ It reads the same config and options as `fit` (configs/default.yaml, then --conf
 first training batch of the configured data, the checks of :mod:`handgrad.verify_checks`: gradients against
 autograd (float64 and the configured precision), finite differences, the SGD step against torch.optim.SGD
 (bitwise), optionally N training steps, and on several processes the all-reduced gradient. The report is printed,
-written to the run folder (lightning_logs/version_N/verify.json, config.yaml) and to TensorBoard (Text, "verify").
+written to the run folder (verify.json, config.yaml in lightning_logs/version_N under --trainer.default_root_dir,
+as for `fit`) and to TensorBoard (Text, "verify"). A line announces each check as it starts.
 Exit code 0 when every check passes, 1 naming the first failing layer and parameter, 2 for bad options.
 """
 
@@ -25,34 +26,25 @@ import json
 import math
 import sys
 import time
-import warnings
-from argparse import RawDescriptionHelpFormatter
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from jsonargparse import lazy_instance
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from tqdm import tqdm
 
-from handgrad.data import CIFAR10DataModule
-from handgrad.errors import (CheckpointError, ConfigError, HandgradError, SetupError, check_precision,
-                             check_sizes_fit_data)
-from handgrad.module import HandgradClassifier
-from handgrad.outputs import check_output_dirs
+from handgrad.checkpoints import load_for_checks
+from handgrad.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_on_user_error
+from handgrad.errors import CheckpointError, ConfigError, check_sizes_fit_data
 from handgrad.verify_checks import (Row, autograd_gradients, check_autograd, check_data_parallel,
                                     check_finite_differences, check_sgd, check_training, copy_of, course_subject,
-                                    first_failure, json_safe, markdown_table, parameters, reference_subject,
+                                    dtype_name, first_failure, json_safe, markdown_table, parameters, reference_subject,
                                     text_table)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 COURSE_ATTRIBUTES = ("L", "fc", "a", "z", "df", "dL_dw", "dL_db")
-DTYPES = {"32-true": torch.float32, "64-true": torch.float64}
-lazy_instance(TensorBoardLogger)  # define the lazy default's class at import, for ddp_spawn (see train.py)
 
 
 @dataclass
@@ -95,37 +87,28 @@ class VerifyOptions:
     tol_steps: float = 1e-10
 
 
-class VerifyCLI(LightningCLI):
-    """The `fit` options (--trainer.*, --model.*, --data.*, --config over configs/default.yaml) plus --verify.*."""
+class VerifyCLI(HandgradCLI):
+    """HandgradCLI without subcommands, plus --verify.* and --ckpt_path: the `fit` options (--trainer.*, --model.*,
+    --data.*, --config over configs/default.yaml), parsed and checked as `fit` parses and checks them (the precision
+    as typed, a malformed --config, a --ckpt_path of another architecture), logs in
+    <--trainer.default_root_dir>/lightning_logs/version_N (:class:`handgrad.cli.RunLogger`)."""
 
     def __init__(self, args=None):
-        with warnings.catch_warnings():  # it warns when args are given and sys.argv has some: intended here
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            super().__init__(
-                HandgradClassifier, CIFAR10DataModule, args=args, run=False, save_config_callback=None,
-                auto_configure_optimizers=False,
-                trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir=".", name="lightning_logs",
-                                                          default_hp_metric=False)},
-                parser_kwargs={"description": __doc__, "formatter_class": RawDescriptionHelpFormatter,
-                               "default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []})
+        super().__init__(args=args, run=False, description=__doc__)
+
+    def init_parser(self, **kwargs):
+        # HandgradCLI names configs/default.yaml per subcommand; without subcommands it is the main parser's
+        kwargs.setdefault("default_config_files", [str(DEFAULT_CONFIG)])
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)  # --checkpoint.*, --last_checkpoint.*: a fit's config.yaml reads as is
         parser.add_class_arguments(VerifyOptions, "verify")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="check at the weights of this checkpoint (a fit's last.ckpt), not at initial ones")
         # accepted so that a config saved by fit (lightning_logs/version_N/config.yaml) can be passed as it is;
-        # verify writes no checkpoint and reads --ckpt_path with weights_only=True
+        # verify reads --ckpt_path with weights_only=True
         parser.add_argument("--weights_only", type=Optional[bool], default=None, help="(unused by verify)")
-        for fit_only in ("checkpoint", "last_checkpoint"):
-            parser.add_argument(f"--{fit_only}", type=Optional[dict], default=None, help="(unused by verify)")
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, MisconfigurationException) as err:  # a constructor refused an option value
-            if isinstance(err, (ConfigError, SetupError)):
-                raise
-            raise ConfigError(str(err)) from err
 
 
 def check_options(opts: VerifyOptions) -> None:
@@ -202,12 +185,11 @@ def build_subject(opts: VerifyOptions, hp: dict, ckpt_path: Optional[str] = None
 def load_weights(subject, path: str):
     """Put the weights of a checkpoint (state_dict keys ending in fc.<l>.weight / fc.<l>.bias, as a handgrad
     checkpoint holds them) into the subject's model, in the checkpoint's dtype."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k[k.index("fc."):]: v for k, v in checkpoint["state_dict"].items() if "fc." in k}
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read as a handgrad checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); check --ckpt_path") from None
+    checkpoint = load_for_checks(path)  # (HandgradCLI has read it once already: a CheckpointError came there)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {path} is not a handgrad checkpoint: it has no state_dict; check "
+                              f"--ckpt_path")
+    state = {k[k.index("fc."):]: v for k, v in checkpoint["state_dict"].items() if "fc." in k}
     try:
         subject.model.to(next(iter(state.values())).dtype if state else torch.float32).load_state_dict(state)
     except RuntimeError as err:
@@ -219,38 +201,39 @@ def load_weights(subject, path: str):
 
 
 def check_setup(cli: VerifyCLI, opts: VerifyOptions) -> None:
-    """What the checks would refuse, before anything is run or written."""
-    trainer = cli.trainer
-    check_precision(trainer.precision)
-    strategy = trainer.strategy
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-        raise SetupError(f"strategy {type(strategy).__name__} is not supported: use one device or data parallel "
-                         f"(--trainer.strategy ddp or ddp_spawn)")
-    check_sizes_fit_data(opts.sizes or [int(s) for s in cli.model.hparams.sizes], cli.datamodule)
+    """What the checks would refuse, before anything is run or written: the --verify options and what they load,
+    then HandgradCLI's pre-flight (output folders; the model's precision, strategy and sizes against the data; the
+    data prepared and set up on the node's first process)."""
+    check_options(opts)
+    if opts.sizes is not None:
+        check_sizes_fit_data(opts.sizes, cli.datamodule)
     load_object(opts.optimizer, "--verify.optimizer")
     build_subject(opts, dict(cli.model.hparams), cli.config.ckpt_path)
-    check_output_dirs(trainer)
+    cli.preflight()
 
 
-def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Optional[str]) -> Optional[dict]:
+def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Optional[str],
+               setup_seconds: float = 0.0) -> Optional[dict]:
     """On every process of the run (launched by the strategy's launcher): the data-parallel check with all
-    processes, then on global rank 0 the others. Returns the report on rank 0, None on the others."""
+    processes, then on global rank 0 the others. Returns the report on rank 0, None on the others; its
+    seconds_per_check start with "setup": ``setup_seconds`` (options, checks, data) and the batches' time."""
     started = time.perf_counter()
     trainer.strategy.setup_environment()  # the process group, on several processes
     datamodule.trainer = trainer  # the data's device, dtype and this process's shard
-    if trainer.local_rank == 0:
-        datamodule.prepare_data()
-    trainer.strategy.barrier()
+    trainer.strategy.barrier()  # the data was prepared by the node's first process (HandgradCLI.preflight)
     datamodule.setup("fit")
     n = max(opts.sgd_steps, opts.steps, 1)
     batches = []
     while len(batches) < n:
         batches += [(x.flatten(1), y) for _, (x, y) in zip(range(n - len(batches)), datamodule.train_dataloader())]
     subject = build_subject(opts, hp, ckpt_path)
-    dtype = DTYPES[str(trainer.precision)]
-    seconds = {"data": time.perf_counter() - started}
+    seconds = {"setup": setup_seconds + time.perf_counter() - started}
     x, y = batches[0]
+    dtype = x.dtype  # the configured precision's: the data module delivers batches in it
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if trainer.global_rank == 0:
+            print(f"verify: data parallel: the all-reduced gradient of {dist.get_world_size()} processes against "
+                  f"the global batch's", flush=True)
         t = time.perf_counter()
         parallel = [row for d in dict.fromkeys([torch.float64, dtype])
                     for row in check_data_parallel(subject, x, y, d, tolerance(opts, d))]
@@ -278,30 +261,55 @@ def tolerance(opts: VerifyOptions, dtype) -> float:
 
 
 def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: VerifyOptions, seconds: dict):
-    """Autograd (float64 and ``dtype``), finite differences, SGD and (opts.steps > 0) training, on this process;
-    the time each took goes into ``seconds``."""
+    """Autograd (float64 and ``dtype``), finite differences, SGD and (opts.steps > 0) training, on this process,
+    each announced by a progress line (the training steps also by a progress bar); the time each took goes into
+    ``seconds``."""
     x, y = batches[0]
-    m = opts.fd_batch or len(y)
+    m = min(opts.fd_batch or len(y), len(y))
     model = copy_of(subject.model, x.device, dtype)
+    dtypes = list(dict.fromkeys([torch.float64, dtype]))
 
     def sgd_rows():
         grads = [{k: g.detach() for k, g in autograd_gradients(subject, model, xb.to(dtype), yb).items()}
                  for xb, yb in batches[:opts.sgd_steps]]  # autograd's, fed to both optimizers
         return check_sgd(optimizer, sgd_hp, model, grads)
 
-    checks = {"autograd": lambda: [row for d in dict.fromkeys([torch.float64, dtype])
-                                   for row in check_autograd(subject, x, y, d, tolerance(opts, d))],
-              "finite differences": lambda: check_finite_differences(subject, x[:m], y[:m], opts.fd_samples,
-                                                                     opts.fd_eps, opts.tol_fd, opts.seed),
-              "sgd": sgd_rows,
-              "training": lambda: check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps)
-              if opts.steps else []}
+    def training_rows():
+        def bar(steps):
+            return tqdm(steps, desc="training steps", leave=False, disable=None)  # disable=None: off without a TTY
+
+        return check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps, progress=bar)
+
+    checks = [("autograd", f"hand-written gradients against autograd in {' and '.join(map(dtype_name, dtypes))}",
+               lambda: [row for d in dtypes for row in check_autograd(subject, x, y, d, tolerance(opts, d))]),
+              ("finite differences", f"central differences on {opts.fd_samples} entries per weight and bias, "
+               f"{m} images", lambda: check_finite_differences(subject, x[:m], y[:m], opts.fd_samples, opts.fd_eps,
+                                                                 opts.tol_fd, opts.seed)),
+              ("sgd", f"1 and {opts.sgd_steps} steps against torch.optim.SGD, single-tensor and foreach", sgd_rows)]
+    if opts.steps:
+        checks.append(("training", f"{opts.steps} steps against autograd + torch.optim.SGD in float64",
+                       training_rows))
     rows = []
-    for name, check in checks.items():
+    for i, (name, what, check) in enumerate(checks, 1):
+        print(f"verify [{i}/{len(checks)}] {name}: {what}", flush=True)
         t = time.perf_counter()
-        rows += check()
+        with one_cpu_thread() if name in ("finite differences", "sgd") else nullcontext():
+            rows += check()
         seconds[name] = time.perf_counter() - t
     return rows
+
+
+@contextmanager
+def one_cpu_thread():
+    """torch on one CPU thread: for many small operations (the finite differences' forward passes of a few images,
+    the element-wise SGD updates) a second thread costs more to wake than it saves, most of all on a busy machine
+    (measured on 2 cores at load 9: 5 SGD steps of the reference model 0.4 s on one thread, 1.4-8.3 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -320,7 +328,7 @@ def write_report(cli: VerifyCLI, report: dict) -> Path:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text("verify", text, 0)
-            logger.experiment.flush()
+        logger.finalize("success")  # as the Trainer ends a run: written to disk, closed (and the run folder let go)
     return run
 
 
@@ -328,14 +336,16 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     """Parse the options, run the checks (on every process of a multi-process run) and, on rank 0, print and write
     the report; returns it there (None on the other processes). Bad options raise ConfigError or SetupError."""
     start = time.perf_counter()
-    cli = VerifyCLI(args=sys.argv[1:] if args is None else list(args))
+    args = sys.argv[1:] if args is None else list(args)
+    check_config_files(args)
+    cli = VerifyCLI(args=args)
     opts = cli.config_init.verify
-    check_options(opts)
     check_setup(cli, opts)
+    setup_seconds = time.perf_counter() - start
     hp = {k: cli.model.hparams[k] for k in ("sizes", "activation", "loss", "lr", "momentum", "dampening",
                                              "weight_decay", "nesterov")}
     launcher = cli.trainer.strategy.launcher
-    call = (run_checks, cli.trainer, cli.datamodule, opts, hp, cli.config.ckpt_path)
+    call = (run_checks, cli.trainer, cli.datamodule, opts, hp, cli.config.ckpt_path, setup_seconds)
     report = launcher.launch(*call, trainer=None) if launcher is not None else call[0](*call[1:])
     if report is None:
         return None
@@ -346,7 +356,8 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     run = write_report(cli, report)
     print(text_table(report["rows"]))
     failed = sum(r["verdict"] == "FAIL" for r in report["rows"])
-    print(f"\n{len(report['rows'])} checks, {failed} failed, in {report['seconds']:.1f} s; report: "
+    each = ", ".join(f"{name} {t:.1f}" for name, t in report["seconds_per_check"].items())
+    print(f"\n{len(report['rows'])} checks, {failed} failed, in {report['seconds']:.1f} s ({each}); report: "
           f"{run / 'verify.json'} (and TensorBoard: tensorboard --logdir {run.parent})")
     return report
 
@@ -361,8 +372,5 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
 
 
 if __name__ == "__main__":  # python -m handgrad.verify ...
-    try:
+    with exit_on_user_error():
         main()
-    except HandgradError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)

@@ -172,6 +172,22 @@ def check_autograd(subject: Subject, x, y, dtype, tol: float) -> list[Row]:
     return [compare(f"autograd {dtype_name(dtype)}", k, hand[k], ref[k], tol, error) for k in ref]
 
 
+def central_differences(loss: Callable[[], Tensor], flat: Tensor, indices, eps: float) -> Tensor:
+    """g_fd,i = (L(θ + ε e_i) − L(θ − ε e_i)) / 2ε for each i of ``indices``: θ is ``flat`` (a parameter's values,
+    a view), moved by ±ε in place and put back; ``loss()`` evaluates L at the current θ."""
+    fd = torch.empty(len(indices), dtype=torch.float64)
+    with torch.no_grad():
+        for j, i in enumerate(indices):
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = loss()
+            flat[i] = orig - eps
+            down = loss()
+            flat[i] = orig
+            fd[j] = (up - down).item() / (2 * eps)
+    return fd
+
+
 def check_finite_differences(subject: Subject, x, y, samples: int, eps: float, tol: float, seed: int) -> list[Row]:
     """Central differences of the loss in float64 on ``samples`` entries of each W^l and b^l (drawn with ``seed``),
     against the hand-written gradient: the residual r = ‖g_fd − g‖ / (‖g_fd‖ + ‖g‖)."""
@@ -180,30 +196,14 @@ def check_finite_differences(subject: Subject, x, y, samples: int, eps: float, t
     _, hand, error = hand_gradients(subject, model, x, y)
     draw = torch.Generator().manual_seed(seed)
     rows = []
-    threads = torch.get_num_threads()
     for l, name, p in parameters(model):
-        idx = torch.randperm(p.numel(), generator=draw)[:samples]
-        flat = p.detach().view(-1)
-        fd = torch.empty(len(idx), dtype=torch.float64)
-        # many forward passes of a small batch: one CPU thread is faster (starting threads costs more than they save)
-        torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                for j, i in enumerate(idx.tolist()):
-                    orig = flat[i].item()
-                    flat[i] = orig + eps
-                    up = subject.loss(model, x, y)
-                    flat[i] = orig - eps
-                    down = subject.loss(model, x, y)
-                    flat[i] = orig
-                    fd[j] = (up - down).item() / (2 * eps)
-        finally:
-            torch.set_num_threads(threads)
+        idx = torch.randperm(p.numel(), generator=draw)[:samples].tolist()
+        fd = central_differences(lambda: subject.loss(model, x, y), p.detach().view(-1), idx, eps)
         g = hand[(l, name)]
         if g is None or g.shape != p.shape:
             rows.append(compare("finite differences", (l, name), g, p, tol, error))  # the missing/shape row
             continue
-        g = g.detach().view(-1)[idx.to(g.device)].double().cpu()
+        g = g.detach().view(-1)[idx].double().cpu()
         denom = (fd.norm() + g.norm()).item()
         value = (fd - g).norm().item() / denom if denom > 0 else 0.0
         rows.append(judge("finite differences", l, name, value, tol, f"{len(idx)} entries, ε = {eps:g}"))
@@ -262,15 +262,17 @@ def check_sgd(optimizer: type, hparams: dict, model, grads: list[dict]) -> list[
     return rows
 
 
-def check_training(subject: Subject, optimizer: type, hparams: dict, batches: list, tol: float) -> list[Row]:
+def check_training(subject: Subject, optimizer: type, hparams: dict, batches: list, tol: float,
+                   progress: Callable = iter) -> list[Row]:
     """N = len(batches) training steps in float64, hand backward + ``optimizer`` against autograd +
-    torch.optim.SGD from the same weights: the relative loss difference |L_t − L_t^ref| / |L_t^ref| of every step."""
+    torch.optim.SGD from the same weights: the relative loss difference |L_t − L_t^ref| / |L_t^ref| of every step.
+    ``progress(batches)`` iterates them (e.g. with a progress bar)."""
     hand_model = copy_of(subject.model, batches[0][0].device, torch.float64)
     ref_model = copy_of(hand_model, hand_model.fc["1"].weight.device, torch.float64)
     hand_params, ref_params = ([p for _, _, p in parameters(m)] for m in (hand_model, ref_model))
     hand_opt, ref_opt = optimizer(hand_params, **hparams), torch.optim.SGD(ref_params, **hparams)
     rows = []
-    for t, (x, y) in enumerate(batches, 1):
+    for t, (x, y) in enumerate(progress(batches), 1):
         x = x.to(torch.float64)
         loss, grads, error = hand_gradients(subject, hand_model, x, y)
         if error or any(g is None or g.shape != p.shape for g, p in zip(grads.values(), hand_params)):

@@ -1,0 +1,84 @@
+"""A full disk under the log folder (a small tmpfs): the run ends with one `error:` line that says the disk is full
+and names the last good checkpoint, which loads; no traceback, no temporary file left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import write_image_folder
+from handgrad.checkpoints import load_for_checks
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO / "src")}
+
+
+@contextmanager
+def small_disk(folder: Path, size: str):
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a {size} tmpfs for a full disk (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("disk_full") / "data"
+    write_image_folder(root, per_class_train=20, per_class_test=2, classes=("airplane", "bird"))
+    return root
+
+
+def fit(data_dir: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--data.data_dir", str(data_dir),
+                           "--data.download", "false", "--model.sizes", "[3072, 8, 2]", "--data.batch_size", "8",
+                           "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                           "--trainer.enable_model_summary", "false", "--trainer.max_epochs", "30", *extra],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def the_error(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "Exception in thread" not in run.stderr, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and run.stderr.rstrip().endswith(errors[0]), run.stderr[-3000:]
+    return errors[0]
+
+
+def last_good(error: str, cwd: Path) -> Path:
+    path = cwd / error.split("the last good checkpoint is ")[1].split(" (the checkpoints on disk are intact)")[0]
+    assert load_for_checks(path)["global_step"] > 0
+    return path
+
+
+def test_disk_full_while_writing_a_checkpoint(data_dir, tmp_path):
+    # room for the logs and two checkpoints of 0.2 MB (best, last), not for a third one being written
+    with small_disk(tmp_path / "disk", "600k") as disk:
+        error = the_error(fit(data_dir, disk, "--last_checkpoint.every_n_train_steps", "1"))
+        assert error.startswith("error: the disk holding lightning_logs/version_0/checkpoints is full (No space left "
+                                "on device) while writing checkpoint "), error
+        last_good(error, disk)
+        checkpoints = disk / "lightning_logs" / "version_0" / "checkpoints"
+        for path in checkpoints.iterdir():  # every checkpoint on the disk is whole; no temporary file is left
+            assert path.suffix == ".ckpt" and load_for_checks(path)["global_step"] > 0, path
+
+
+def test_disk_full_while_writing_tensorboard_events(data_dir, tmp_path):
+    # the logs on a 1 MB disk that histograms of every step fill; the checkpoints elsewhere
+    checkpoints = tmp_path / "checkpoints"
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        error = the_error(fit(data_dir, disk, "--model.log_histograms_every_n_steps", "1",
+                              "--trainer.log_every_n_steps", "1", "--checkpoint.dirpath", str(checkpoints),
+                              "--last_checkpoint.dirpath", str(checkpoints)))
+        assert error.startswith(f"error: the disk holding {disk / 'lightning_logs' / 'version_0'} is full (No space "
+                                f"left on device) while writing the run's logs"), error
+        assert last_good(error, disk).parent == checkpoints
