@@ -26,6 +26,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from lightning.pytorch.loggers import TensorBoardLogger
+
 from handgrad.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_on_user_error, quiet_lightning_notices
 
 # `python train.py NAME ...` hands the rest of the command line to NAME's module's main(args)
@@ -50,10 +52,11 @@ def run_default(overrides: list[str]) -> HandgradCLI:
     results = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best.best_model_path or None)
     if results and "test/acc" in results[0]:
         summary[f"test acc ({which})"] = f"{results[0]['test/acc']:.4f}"
-    if best.best_model_score is not None and trainer.logger is not None:
-        # TensorBoard's HPARAMS tab shows the last hp/val_acc: make it the tested (best) model's, beside its hp/test_acc
-        trainer.logger.log_metrics({"hp/val_acc": float(best.best_model_score)}, step=trainer.global_step)
     print("\nDone.\n" + "\n".join(f"  {key:<16} : {value}" for key, value in summary.items() if value))
+    if isinstance(trainer.logger, TensorBoardLogger):  # the same, under TensorBoard's Text: which model was tested
+        rows = [f"| {key.replace('  ', ' ')} | {value} |" for key, value in summary.items() if value]
+        trainer.logger.experiment.add_text("job/summary", "\n".join(["| | |", "|---|---|", *rows]), trainer.global_step)
+        trainer.logger.finalize("success")  # written and closed, as after fit and test
     return cli
 
 

@@ -59,8 +59,9 @@ def test_fit_validate_test_predict(cli_args, tmp_path, capsys):
 
     ev = events(log_dir)
     tags = ev.Tags()
-    assert {"train/loss_step", "train/loss_epoch", "train/acc", "train/grad_norm", "val/loss", "val/acc",
-            "val/acc_airplane", "val/acc_bird", "hp/val_acc", "hp/test_acc"} <= set(tags["scalars"])
+    assert {"train/loss_step", "train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc",
+            "val/acc_airplane", "val/acc_bird", "hp/val_acc_last", "hp/val_acc_best"} <= set(tags["scalars"])
+    assert "hp/test_acc" not in tags["scalars"]  # no test ran: no value (no NaN placeholder)
     assert {"val/confusion_matrix", "data/samples"} <= set(tags["images"])
     assert {f"{kind}/fc.{l}.{p}" for kind in ("weights", "grads") for l in (1, 2) for p in ("weight", "bias")} \
         <= set(tags["histograms"])
@@ -118,9 +119,10 @@ def test_default_job_fits_tests_and_prints_a_summary(cli_args, tmp_path, capsys)
     assert f"test acc (best)  : {test_acc:.4f}" in out
     ev = events(tmp_path / "lightning_logs" / "version_0")
     assert "test/acc" in ev.Tags()["scalars"]
-    # the HPARAMS tab pairs the tested model's numbers: hp/val_acc ends at the best checkpoint's val accuracy
+    # the HPARAMS tab: the best epoch's val accuracy (the tested checkpoint's) beside its test accuracy, and the last's
     best_val = float(cli.trainer.checkpoint_callbacks[0].best_model_score)
-    assert ev.Scalars("hp/val_acc")[-1].value == pytest.approx(best_val, abs=1e-6)
+    assert [e.value for e in ev.Scalars("hp/val_acc_best")] == pytest.approx([best_val], abs=1e-6)
+    assert [e.value for e in ev.Scalars("hp/val_acc_last")] == pytest.approx([ev.Scalars("val/acc")[-1].value])
     assert ev.Scalars("hp/test_acc")[-1].value == pytest.approx(test_acc, abs=1e-6)
 
 
@@ -252,7 +254,7 @@ def test_default_job_reports_its_own_best_checkpoint_beside_a_users(cli_args, tm
     config = tmp_path / "callbacks.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(mine), "filename": "mine", "monitor": "train/loss_epoch"}}]}}))
+        "init_args": {"dirpath": str(mine), "filename": "mine", "monitor": "train/loss"}}]}}))
     cli = train.main([*cli_args[2:], "--config", str(config)])
     out = capsys.readouterr().out
     assert (mine / "mine.ckpt").is_file()  # the user's callback ran

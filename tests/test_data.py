@@ -576,10 +576,15 @@ def test_look_at_the_data_tensorboard_and_print(image_folder, tmp_path, caplog):
     events = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
     assert "data/samples" in events.Tags()["images"]
     image = events.Images("data/samples")[0]
-    assert (image.height, image.width) == (3 * 34 + 2, 8 * 34 + 2)
     from torchvision.io import decode_png
     logged = decode_png(torch.frombuffer(bytearray(image.encoded_image_string), dtype=torch.uint8))
-    assert torch.equal(logged, dm.sample_grid)
+    # the grid, each pixel drawn 2x2, right of a column of class names: at least 400 px wide
+    h, w = 2 * (3 * 34 + 2), 2 * (8 * 34 + 2)
+    assert (image.height, image.width) == (h, logged.shape[2]) and logged.shape[2] - w >= 40 and image.width >= 400
+    assert torch.equal(logged[:, :, -w:], dm.sample_grid.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    names = logged[:, :, :-w].min(0).values  # the label column: dark text on white, in each class's row band only
+    assert [int((names[2 * (34 * k + 2):2 * 34 * (k + 1)] < 100).sum()) > 20 for k in range(3)] == [True] * 3
+    assert (names[:4] == 255).all() and (names[2 * 34 - 2:2 * 34 + 6] == 255).all()  # the padding between rows
     # the grid's row k, column j is the j-th training image of class k
     raw = denormalize(dm, dm.train_x)
     for k in range(3):

@@ -224,7 +224,6 @@ def test_metrics_match_recomputed_predictions(tmp_path):
     class_metrics = next(c for c in trainer_.callbacks if isinstance(c, ClassMetrics))  # added by the model
     assert torch.equal(class_metrics.confusion_matrix["val"], cm)
     assert metrics["val/acc"] == pytest.approx((pred == y).double().mean().item(), abs=1e-6)
-    assert metrics["hp/val_acc"] == metrics["val/acc"]
     assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-6)
     for k in range(10):
         mask = y == k
@@ -233,7 +232,7 @@ def test_metrics_match_recomputed_predictions(tmp_path):
 
 
 def test_train_metrics_are_the_epochs_predictions_before_each_step(tmp_path):
-    """train/acc and train/loss_epoch of the last epoch: the predictions and losses each step made before its update,
+    """train/acc and train/loss of the last epoch: the predictions and losses each step made before its update,
     recomputed by the plain loop (autograd + torch.optim.SGD)."""
     init, model, _ = fit(tmp_path)
     ref = HandgradClassifier(SIZES).mlp.double()
@@ -253,7 +252,7 @@ def test_train_metrics_are_the_epochs_predictions_before_each_step(tmp_path):
     metrics = model.trainer.callback_metrics
     assert 0 < correct < n  # neither all right nor all wrong: the comparison can fail
     assert metrics["train/acc"].item() == pytest.approx(correct / n, abs=1e-6)
-    assert metrics["train/loss_epoch"].item() == pytest.approx(loss_sum / n, rel=1e-9)
+    assert metrics["train/loss"].item() == pytest.approx(loss_sum / n, rel=1e-9)
 
 
 def test_lr_scheduler_is_stepped_each_epoch(tmp_path):

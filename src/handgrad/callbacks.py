@@ -6,8 +6,11 @@
                       gradients of the step about to be taken)
     ClassMetrics      per evaluation epoch: the confusion matrix C (an image and a Markdown table in TensorBoard)
                       and the accuracy of each class, acc_k = C_kk / sum_j C_kj
-    HparamsLogger     TensorBoard's HPARAMS tab: the model's and the data's hyperparameters against hp/val_acc and
-                      hp/test_acc
+    HparamsLogger     TensorBoard's HPARAMS tab: the run's hyperparameters against hp/val_acc_last,
+                      hp/val_acc_best, hp/best_epoch, ... and hp/test_acc; the CUSTOM SCALARS charts (train and
+                      val together)
+
+What the pictures and the HPARAMS entries look like, and the tag scheme: :mod:`handgrad.tensorboard_views`.
 
 Every per-step hook returns at once on the steps where it has nothing to write.
 """
@@ -17,12 +20,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torchvision
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from handgrad.tensorboard_views import (KEY_HPARAMS, METRICS, add_layout, confusion_matrix_image, final_metrics,
+                                      log_hparams, run_hparams, write_experiment)
 
 
 def tensorboard(trainer):
@@ -101,13 +106,19 @@ class ClassMetrics(Callback):
 
 
 class HparamsLogger(Callback):
-    """Fill TensorBoard's HPARAMS tab once: model and data hyperparameters against hp/val_acc and hp/test_acc
-    (which the model logs at the end of each validation and test)."""
+    """This run's row in TensorBoard's HPARAMS tab and its CUSTOM SCALARS charts (:mod:`handgrad.tensorboard_views`):
+    the hyperparameters when the first fit, validate or test starts; when a fit ends, the hp/* values of
+    :func:`final_metrics` (the best also over the epochs before a resume); hp/test_acc when a test ends. A metric
+    without a value is not logged. ``experiment=False``: no HPARAMS columns of its own (a run under a log root that
+    holds them for all its runs: a sweep's, :func:`handgrad.tensorboard_views.write_experiment`)."""
 
-    def __init__(self):
+    def __init__(self, experiment: bool = True):
+        self.experiment = experiment
         self.logged = False
+        self.val_acc: dict[int, float] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self.val_acc = {}
         self.log_once(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -115,13 +126,35 @@ class HparamsLogger(Callback):
 
     on_test_start = on_validation_start
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
+            self.val_acc[trainer.current_epoch] = float(trainer.callback_metrics["val/acc"])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        scores = [float(c.best_model_score) for c in trainer.checkpoint_callbacks
+                  if c.monitor == "val/acc" and c.mode == "max" and c.best_model_score is not None]
+        last = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/acc", "val/loss")}
+        self.log_metrics(trainer, final_metrics(self.val_acc, last.get("train/acc"),
+                                                last.get("val/loss") if self.val_acc else None, max(scores, default=None)))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if "test/acc" in trainer.callback_metrics:
+            self.log_metrics(trainer, {"hp/test_acc": float(trainer.callback_metrics["test/acc"])})
+
+    @staticmethod
+    def log_metrics(trainer, metrics: dict) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
     def log_once(self, trainer, pl_module) -> None:
-        if self.logged or not isinstance(trainer.logger, TensorBoardLogger):
+        if self.logged or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
             return
-        datamodule = trainer.datamodule
-        params = {**getattr(datamodule, "hparams", {}), **pl_module.hparams}  # as Lightning merges them
-        params.pop("_instantiator", None)
-        trainer.logger.log_hyperparams(params, {"hp/val_acc": float("nan"), "hp/test_acc": float("nan")})
+        params = run_hparams(pl_module.hparams, getattr(trainer.datamodule, "hparams", {}), trainer.max_epochs)
+        # one run among others in lightning_logs: columns and types, no domains (they would hide the others' values)
+        if self.experiment:
+            write_experiment(trainer.logger, {k: [v] for k, v in params.items()}, METRICS, KEY_HPARAMS, domains=False)
+        log_hparams(trainer.logger, params)
+        add_layout(trainer.logger)
         self.logged = True
 
 
@@ -138,29 +171,3 @@ def confusion_matrix_markdown(cm: Tensor, class_names: Sequence[str]) -> str:
     lines = ["| true \\ predicted | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(class_names, cm)]
     return "\n".join(lines)
-
-
-def confusion_matrix_image(cm: Tensor, class_names: Sequence[str], cell: int = 40) -> Tensor:
-    """Draw the confusion matrix as an RGB uint8 image (3, H, W): rows are the true class, columns the
-    predicted one (numbered as the rows), each cell holds its count and is shaded by its share of the row."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    cm = cm.cpu()
-    k = cm.shape[0]
-    share = cm.double() / cm.sum(1, keepdim=True).clamp_min(1)
-    font = ImageFont.load_default()
-    left, top = 12 + int(max(font.getlength(f"{i} {n}") for i, n in enumerate(class_names))), 30
-    img = Image.new("RGB", (left + k * cell + 10, top + k * cell + 10), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((4, 4), "rows: true, columns: predicted", fill="black", font=font)
-    for j in range(k):
-        draw.text((left + j * cell + cell // 3, top - 14), str(j), fill="black", font=font)
-    for i, name in enumerate(class_names):
-        draw.text((4, top + i * cell + cell // 3), f"{i} {name}", fill="black", font=font)
-        for j in range(k):
-            s = float(share[i, j])
-            color = (int(255 * (1 - 0.8 * s)), int(255 * (1 - 0.6 * s)), 255)  # white -> blue
-            x0, y0 = left + j * cell, top + i * cell
-            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=color, outline="gray")
-            draw.text((x0 + 4, y0 + cell // 3), str(int(cm[i, j])), fill="black" if s < 0.6 else "white", font=font)
-    return torchvision.transforms.functional.pil_to_tensor(img)

@@ -52,7 +52,7 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 class RunLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger with this project's defaults: runs in <save_dir>/lightning_logs/version_N, where
     save_dir None (the default) means --trainer.default_root_dir, else the working directory (Lightning's convention
-    for its own default logger); and no hp_metric placeholder (the HPARAMS tab shows hp/val_acc and hp/test_acc).
+    for its own default logger); and no hp_metric placeholder (HPARAMS shows the hp/* of handgrad.tensorboard_views).
     Its version_N folder is reserved and locked when the version is first asked for (:mod:`handgrad.run_folder`),
     which the CLI does after its checks: runs (and sweeps, whose default logger this is too) started together in one
     folder never share it; Lightning's would pick the same N for each."""

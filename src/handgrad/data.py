@@ -25,6 +25,7 @@ from torchvision.utils import make_grid
 from handgrad import cifar_fetch, cifar_io
 from handgrad.cifar_io import CIFAR10_CLASSES, BadDataError, DataNotFoundError
 from handgrad.errors import ConfigError
+from handgrad.tensorboard_views import labelled_grid
 
 __all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "channel_stats", "normalize",
            "CIFAR10_CLASSES", "BadDataError", "DataNotFoundError"]
@@ -293,7 +294,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         loggers = [loggers] if isinstance(loggers, Logger) else list(loggers or ())
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("data/samples", self.sample_grid, 0)
+                logger.experiment.add_image("data/samples", labelled_grid(self.sample_grid, self.class_names), 0)
                 logger.experiment.add_text("data/class_counts", table, 0)
         return table
 

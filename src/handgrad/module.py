@@ -161,11 +161,12 @@ class HandgradClassifier(InputContract, L.LightningModule):
         self.statistics_for_device(self.trainer.strategy.root_device)
 
     def configure_callbacks(self) -> list:
-        """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model (added once)."""
+        """The extras of :mod:`handgrad.callbacks`, the same instances for every run of this model; those of a kind the
+        trainer has already are left out (added once; a caller's own wins, e.g. a sweep's HparamsLogger)."""
         if self._callbacks is None:
             self._callbacks = [StepLogger(self.hparams.log_histograms_every_n_steps), ClassMetrics(), HparamsLogger(),
                                StoppedMidEpoch()]
-        return [c for c in self._callbacks if c not in self.trainer.callbacks]
+        return [c for c in self._callbacks if not any(isinstance(t, type(c)) for t in self.trainer.callbacks)]
 
     def configure_optimizers(self):
         """The same SGD hyperparameters for the hand-written optimizer and torch.optim.SGD."""
@@ -268,7 +269,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.update_from_predictions("train", self.train_acc)  # an epoch cut short (max_steps) has no last batch
-        self.log("train/loss_epoch", self.train_loss)  # mean over the epoch's samples
+        self.log("train/loss", self.train_loss)  # mean over the epoch's samples
         self.log("train/acc", self.train_acc)
         self.raise_if_nonfinite()
 
@@ -340,7 +341,6 @@ class HandgradClassifier(InputContract, L.LightningModule):
             return
         self.log(f"{stage}/loss", mean_loss)
         self.log(f"{stage}/acc", acc, prog_bar=True)
-        self.log(f"hp/{stage}_acc", acc.compute(), sync_dist=True, reduce_fx="max")  # for the HPARAMS tab
 
     def update_from_predictions(self, stage: str, metric: Metric) -> None:
         """Feed the epoch's kept (predicted class, target) pairs of ``stage`` to the metric in one update, and
