@@ -29,43 +29,24 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 
 from handgrad import losses
 from handgrad.backprop import backward
 from handgrad.callbacks import ClassMetrics, HparamsLogger, StepLogger
 from handgrad.checkpoints import StoppedMidEpoch, check_state_dict_fits
 from handgrad.contract import InputContract
+from handgrad.epoch_metrics import EpochMetrics, WeightedMean  # noqa: F401  (WeightedMean: its old home)
 from handgrad.distributed import all_reduce_gradients, is_distributed, world_size
 from handgrad.errors import (ConfigError, NonFiniteLossError, SetupError, check_model_hyperparameters,  # noqa: F401
                              check_precision, check_sizes_fit_data, check_strategy)
 from handgrad.mlp import MLP
+from handgrad.nan_guard import FiniteLossGuard
 from handgrad.optim import SGD
 
 check_hyperparameters = check_model_hyperparameters  # the name it had here
 
 
-class WeightedMean(Metric):
-    """mean = Σ_i w_i v_i / Σ_i w_i over all updates (summed over processes when synced). Unlike
-    torchmetrics.MeanMetric it checks no value for NaN, which would read the device on every update."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("weighted_sum", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, value: Tensor, weight) -> None:
-        self.weighted_sum += value * weight
-        self.weight += weight
-
-    def compute(self) -> Tensor:
-        return self.weighted_sum / self.weight
-
-
-class HandgradClassifier(InputContract, L.LightningModule):
+class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.LightningModule):
     """An image classifier ``MLP(sizes, activation)`` trained with manual optimization.
 
     Args:
@@ -128,16 +109,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
         # the data's names when training starts (setup), else these
         self.class_names = [str(c) for c in class_names] if class_names else [str(k) for k in range(self.num_classes)]
         self.register_input_statistics()  # input_mean, input_std: 0 (unknown) until fit starts
-        # Train: each process sees its shard, so train/acc sums its counts over processes; train/loss is fed the
-        # global-batch loss (all-reduced with the gradients). Val and test are not sharded: not synced.
-        acc = dict(num_classes=self.num_classes, average="micro", validate_args=False)  # validation: a GPU sync
-        self.train_acc, self.train_loss = MulticlassAccuracy(**acc), WeightedMean(sync_on_compute=False)
-        self.val_acc, self.val_loss = MulticlassAccuracy(**acc, sync_on_compute=False), WeightedMean(sync_on_compute=False)
-        self.test_acc, self.test_loss = MulticlassAccuracy(**acc, sync_on_compute=False), WeightedMean(sync_on_compute=False)
-        # (predicted class, target) of each batch, kept on the device and fed to the accuracy once per epoch: a
-        # torchmetrics update per step costs more Python time than the step's argmax
-        self._predictions: dict[str, list] = {"train": [], "val": [], "test": []}
-        self._bad_step: Optional[Tensor] = None  # on device: first step with a non-finite loss, -1 if none
+        self.init_metrics(self.num_classes)  # train/val/test loss and accuracy (handgrad.epoch_metrics)
         self._callbacks: Optional[list] = None
 
     # ---------------------------------------------------------------- setup and checks
@@ -251,8 +223,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
         """Keep the step's predictions and loss for the epoch's metrics (on the device, no sync); after the epoch's
         last batch, complete train/acc and step the learning-rate schedule, so that a checkpoint written after
         this step holds the stepped schedule (ReduceLROnPlateau steps after validation, with val/loss)."""
-        self._predictions["train"].append((out.argmax(1), y))
-        self.train_loss.update(loss, n)
+        self.keep("train", out.argmax(1), y, loss, n)
         if self.trainer.is_last_batch:
             self.update_from_predictions("train", self.train_acc)
             scheduler = self.lr_schedulers()
@@ -260,7 +231,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
                 scheduler.step()
 
     def on_fit_start(self) -> None:
-        self._bad_step = None
+        self.reset_guard()
         self._predictions["train"].clear()
         if self.hparams.momentum >= 1:
             rank_zero_warn(f"--model.momentum {self.hparams.momentum} >= 1: the momentum buffer b <- μ b + (1 - τ) g "
@@ -268,32 +239,8 @@ class HandgradClassifier(InputContract, L.LightningModule):
                            f"in [0, 1) unless that is what you want to see.")
 
     def on_train_epoch_end(self) -> None:
-        self.update_from_predictions("train", self.train_acc)  # an epoch cut short (max_steps) has no last batch
-        self.log("train/loss", self.train_loss)  # mean over the epoch's samples
-        self.log("train/acc", self.train_acc)
+        self.log_epoch("train")  # (an epoch cut short by max_steps has no last batch: its accuracy completes here)
         self.raise_if_nonfinite()
-
-    # ---------------------------------------------------------------- NaN / inf guard
-
-    def check_finite(self, loss: Tensor) -> None:
-        """Record the first step whose loss is NaN or inf (on the loss's device, no sync) and raise
-        :class:`NonFiniteLossError` when the flag is read: every step on CPU, every
-        ``nan_check_every_n_steps`` (default 50) on an accelerator, and before every checkpoint."""
-        if self._bad_step is None:
-            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._bad_step
-        self._bad_step = torch.where(~torch.isfinite(loss) & (first < 0), first.new_full((), self.global_step), first)
-        every = self.hparams.nan_check_every_n_steps or (1 if loss.device.type == "cpu" else 50)
-        if self.global_step % every == 0:
-            self.raise_if_nonfinite()
-
-    def raise_if_nonfinite(self) -> None:
-        if self._bad_step is not None and (step := int(self._bad_step)) >= 0:
-            raise NonFiniteLossError(
-                f"the training loss became NaN or infinite at step {step} (global step, counting optimizer "
-                f"steps from 0; noticed in epoch {self.current_epoch}); training stopped. Lower --model.lr, check the "
-                f"inputs for NaN/inf, or train in float64 with --trainer.precision 64-true."
-            )
 
     # ---------------------------------------------------------------- validation, test, predict
 
@@ -315,8 +262,7 @@ class HandgradClassifier(InputContract, L.LightningModule):
         out = self.mlp(x)
         loss, _ = self.loss_and_grad(out, y)
         pred = out.argmax(1)
-        self._predictions[stage].append((pred, y))
-        getattr(self, f"{stage}_loss").update(loss, len(y))
+        self.keep(stage, pred, y, loss, len(y))
         return pred
 
     def on_validation_start(self) -> None:
@@ -324,30 +270,10 @@ class HandgradClassifier(InputContract, L.LightningModule):
             self.raise_if_nonfinite()  # a bad step since the last check: no validation of NaN weights
 
     def on_validation_epoch_end(self) -> None:
-        self.eval_epoch_end("val")
+        self.log_epoch("val")
         scheduler = self.lr_schedulers() if self.trainer.state.fn == "fit" else None
         if isinstance(scheduler, ReduceLROnPlateau) and not self.trainer.sanity_checking:
             scheduler.step(self.val_loss.compute())  # it needs this validation's val/loss
 
     def on_test_epoch_end(self) -> None:
-        self.eval_epoch_end("test")
-
-    def eval_epoch_end(self, stage: str) -> None:
-        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
-        self.update_from_predictions(stage, acc)
-        if self.trainer.sanity_checking:  # not this epoch's numbers: forget them
-            acc.reset()
-            mean_loss.reset()
-            return
-        self.log(f"{stage}/loss", mean_loss)
-        self.log(f"{stage}/acc", acc, prog_bar=True)
-
-    def update_from_predictions(self, stage: str, metric: Metric) -> None:
-        """Feed the epoch's kept (predicted class, target) pairs of ``stage`` to the metric in one update, and
-        forget them."""
-        predictions = self._predictions[stage]
-        if predictions:
-            preds, target = torch.cat([p for p, _ in predictions]), torch.cat([y for _, y in predictions])
-            predictions.clear()
-            if len(target):  # (torchmetrics cannot take an empty share of a short last batch)
-                metric.update(preds, target)
+        self.log_epoch("test")
