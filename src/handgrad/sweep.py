@@ -11,10 +11,11 @@ Steps: train every member (batched: chunks of ``--model.members_per_step`` membe
 :class:`handgrad.grid_module.GridClassifier`; ``--sequential``: one :class:`handgrad.module.HandgradClassifier`
 per member, for comparison), select one member by val accuracy (``--select``, see :mod:`handgrad.sweep_report`),
 evaluate only that member on the test set, once, and write into the sweep's log directory ``results.csv`` and
-``results.md`` (printed too), one TensorBoard run per member (its epoch curves, and its hyperparameters against
-its final metrics for the HPARAMS tab), and the selected member's weights as a standalone
-:class:`handgrad.module.HandgradClassifier` checkpoint, ``selected.ckpt`` (``python train.py test --ckpt_path
-<log dir>/selected.ckpt ...`` evaluates it again).
+``results.md`` (printed too), one TensorBoard run per member (named by what varies,
+:func:`handgrad.search.member_names`: its epoch curves, custom-scalars layout and HPARAMS row,
+:mod:`handgrad.tensorboard_views`; the HPARAMS columns once at the log root), and the selected member's weights as a standalone :class:`handgrad.module.HandgradClassifier`
+checkpoint, ``selected.ckpt``, with the data's statistics and class names (``python train.py test --ckpt_path
+<log dir>/selected.ckpt --data.data_dir D`` evaluates it again).
 
 Several processes (Lightning's ``ddp`` strategy, ``torchrun``, ``srun``): the members are spread over the ranks
 by chunks, rank 0 gathers and selects (:mod:`handgrad.sweep_ranks`). Every finished chunk is saved in
