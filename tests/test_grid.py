@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handgrad.grid import GridMLP, GridSGD, grid_backward
 from handgrad.grid_module import GridClassifier
-from handgrad.search import HPARAMS, expand_grid, member_name, select_best
+from handgrad.search import HPARAMS, expand_grid, member_names, select_best
 from handgrad.activations import ACTIVATIONS
 from handgrad.losses import cross_entropy
 from handgrad.mlp import MLP
@@ -115,8 +115,12 @@ def test_expand_grid_cartesian_product_and_explicit_list():
         (lr, mu, wd) for lr in (0.01, 0.1) for mu in (0.0, 0.9) for wd in (0.0, 0.01, 0.001)}
     explicit = expand_grid(members=[{"lr": 0.01}, {"lr": 0.01, "momentum": 0.9, "nesterov": True}])
     assert explicit[1] == dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True)
-    assert member_name(4, expand_grid(members=[dict(lr=0.01, momentum=0.9, weight_decay=0.001)])[0]) == \
-        "member_04_lr0.01_m0.9_wd0.001"
+    # run names: only what varies (a single member: its optimizer), the index where order or uniqueness needs it
+    assert member_names(expand_grid(members=[dict(lr=0.01, momentum=0.9, weight_decay=0.001)])) == \
+        ["lr0.01_m0.9_wd0.001"]
+    assert member_names(members[:2]) == ["wd0", "wd0.01"]
+    assert member_names(members[4:7]) == ["00_lr0.01_m0.9_wd0.01", "01_lr0.01_m0.9_wd0.001", "02_lr0.1_m0_wd0"]
+    assert member_names(explicit) == ["m0", "m0.9_nesterov"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -158,7 +162,8 @@ def test_seeds_repeat_every_configuration_seed_fastest():
     members = expand_grid(grid={"lr": [0.01, 0.1]}, seeds=[265, 266, 267])
     assert [(m["lr"], m["seed"]) for m in members] == [(0.01, 265), (0.01, 266), (0.01, 267),
                                                        (0.1, 265), (0.1, 266), (0.1, 267)]
-    assert member_name(1, members[1]) == "member_01_lr0.01_m0_wd0_s266"
+    assert member_names(members) == ["lr0.01_s265", "lr0.01_s266", "lr0.01_s267", "lr0.1_s265", "lr0.1_s266",
+                                     "lr0.1_s267"]
     model = GridClassifier(members=members[:2], sizes=SIZES, init_seed=SEED)  # each member its own initial MLP
     for k, seed in enumerate((265, 266)):
         torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from handgrad import outputs, sweep, sweep_cli
 from handgrad import sweep_report as report
 from handgrad.errors import ConfigError
 from handgrad.grid_module import GridClassifier
-from handgrad.search import expand_grid, member_name
+from handgrad.search import expand_grid, member_names
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "grid.yaml"
@@ -104,12 +104,13 @@ def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_pa
         assert md.count("\n") == 8 and "| yes |" in md
         assert all(line.split(" | ")[5] == "false" for line in md.splitlines()[2:])  # the nesterov column
         # one TensorBoard run per member, with epoch curves and its final metrics for the HPARAMS tab
+        names = member_names(expand_grid(members=[{"lr": float(r["lr"]), "momentum": float(r["momentum"]),
+                                                   "weight_decay": float(r["weight_decay"])} for r in rows]))
         for i, r in enumerate(rows):
-            run = log_dir / member_name(i, expand_grid(members=[{
-                "lr": float(r["lr"]), "momentum": float(r["momentum"]), "weight_decay": float(r["weight_decay"])}])[0])
+            run = log_dir / names[i]
             assert (run / "hparams.yaml").exists()
             s = scalars(run)
-            assert s["hp/val_acc"][-1][1] == pytest.approx(float(r["val_acc"]), abs=1e-6)
+            assert s["hp/val_acc_last"][-1][1] == pytest.approx(float(r["val_acc"]), abs=1e-6)
             assert s["hp/selected"][-1][1] == float(i == best)
             assert len(s["val/acc"]) == 2
     b_rows, s_rows = read_csv(Path(batched["log_dir"]) / "results.csv"), read_csv(Path(sequential["log_dir"]) / "results.csv")
@@ -281,10 +282,11 @@ def test_validation_every_second_epoch_keeps_its_curves_and_histories_agree(imag
     for result in results:
         assert [len(result["history"][name]) for name in ("train_loss", "train_acc", "val_loss", "val_acc")] == \
             [3, 3, 1, 1]
-        for k, m in enumerate(expand_grid(members=yaml.safe_load(members))):
-            s = scalars(Path(result["log_dir"]) / member_name(k, m))
-            assert [step for step, _ in s["val/acc"]] == [8]  # after epoch 2 of 4 steps each
-            assert [step for step, _ in s["train/loss"]] == [4, 8, 12]
+        for k, name in enumerate(member_names(expand_grid(members=yaml.safe_load(members)))):
+            s = scalars(Path(result["log_dir"]) / name)
+            # after epoch 2 of 4 steps each, at Lightning's step of epoch metrics (the epoch's last: global step - 1)
+            assert [step for step, _ in s["val/acc"]] == [7]
+            assert [step for step, _ in s["train/loss"]] == [3, 7, 11]
             assert s["val/acc"][0][1] == pytest.approx(result["history"]["val_acc"][0][k], abs=1e-6)
     batched, sequential = results
     for name in ("train_loss", "val_loss", "val_acc"):

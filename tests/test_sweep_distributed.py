@@ -18,7 +18,7 @@ import yaml
 
 from handgrad import sweep
 from handgrad import sweep_report as report
-from handgrad.search import expand_grid, member_name
+from handgrad.search import expand_grid, member_names
 from test_sweep import REPO, read_csv, scalars, selected_weights, sweep_args
 
 
@@ -69,8 +69,8 @@ def test_two_processes_give_the_one_process_results(image_folder, tmp_path, monk
         w_two = selected_weights(log_dir)
         for k in w_one:
             torch.testing.assert_close(w_one[k], w_two[k], rtol=1e-12, atol=1e-15)
-        member = expand_grid(members=yaml.safe_load(members))[2]  # trained on rank 1, its run written by rank 0
-        assert len(scalars(log_dir / member_name(2, member))["val/acc"]) == 2
+        name = member_names(expand_grid(members=yaml.safe_load(members)))[2]  # trained on rank 1, written by rank 0
+        assert len(scalars(log_dir / name)["val/acc"]) == 2
 
 
 MEMORY_SCRIPT = """

@@ -133,16 +133,27 @@ def _distribution(key: str, spec):
     return lambda rng: math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
-def member_name(k: int, m: dict) -> str:
-    """Run name of member k, e.g. ``member_02_lr0.01_m0.9_wd0.001`` (dampening, nesterov and seed only when set)."""
-    name = f"member_{k:02d}_lr{m['lr']:g}_m{m['momentum']:g}_wd{m['weight_decay']:g}"
-    if m["dampening"]:
-        name += f"_d{m['dampening']:g}"
-    if m["nesterov"]:
-        name += "_nesterov"
-    if "seed" in m:
-        name += f"_s{m['seed']}"
-    return name
+SHORT = {"lr": "lr", "momentum": "m", "dampening": "d", "weight_decay": "wd", "nesterov": "nesterov"}
+
+
+def member_names(members: Sequence[dict]) -> list[str]:
+    """The members' TensorBoard run names, e.g. ``m0.9_wd0.001``: only the hyperparameters that vary within the
+    sweep (nesterov as ``_nesterov`` where set), and ``_s266`` when the seed varies. Led by the member index
+    (``03_m0.9_wd0.001``) where names would repeat or TensorBoard's alphabetical order would not be the members'."""
+    def varies(key):
+        return len({repr(m.get(key)) for m in members}) > 1
+
+    keys = [k for k in HPARAMS if varies(k)] or ["lr", "momentum", "weight_decay"]  # one member: its optimizer
+
+    def name(m):
+        parts = [SHORT[k] if k == "nesterov" else f"{SHORT[k]}{m[k]:g}" for k in keys if k != "nesterov" or m[k]]
+        return "_".join(parts + ([f"s{m['seed']}"] if varies("seed") else []))
+
+    names = [name(m) for m in members]
+    if len(set(names)) < len(names) or sorted(names) != names:
+        width = max(2, len(str(len(members) - 1)))
+        names = [f"{k:0{width}d}_{n}" if n else f"{k:0{width}d}" for k, n in enumerate(names)]
+    return names
 
 
 def select_best(val_acc: Sequence[float], val_loss: Sequence[float], failed: Sequence[bool]) -> int:

@@ -11,10 +11,11 @@ Steps: train every member (batched: chunks of ``--model.members_per_step`` membe
 :class:`handgrad.grid_module.GridClassifier`; ``--sequential``: one :class:`handgrad.module.HandgradClassifier`
 per member, for comparison), select one member by val accuracy (``--select``, see :mod:`handgrad.sweep_report`),
 evaluate only that member on the test set, once, and write into the sweep's log directory ``results.csv`` and
-``results.md`` (printed too), one TensorBoard run per member (its epoch curves, and its hyperparameters against
-its final metrics for the HPARAMS tab), and the selected member's weights as a standalone
-:class:`handgrad.module.HandgradClassifier` checkpoint, ``selected.ckpt`` (``python train.py test --ckpt_path
-<log dir>/selected.ckpt ...`` evaluates it again).
+``results.md`` (printed too), one TensorBoard run per member (named by what varies,
+:func:`handgrad.search.member_names`: its epoch curves, custom-scalars layout and HPARAMS row,
+:mod:`handgrad.tensorboard_views`; the HPARAMS columns once at the log root), and the selected member's weights as a standalone :class:`handgrad.module.HandgradClassifier`
+checkpoint, ``selected.ckpt``, with the data's statistics and class names (``python train.py test --ckpt_path
+<log dir>/selected.ckpt --data.data_dir D`` evaluates it again).
 
 Several processes (Lightning's ``ddp`` strategy, ``torchrun``, ``srun``): the members are spread over the ranks
 by chunks, rank 0 gathers and selects (:mod:`handgrad.sweep_ranks`). Every finished chunk is saved in
@@ -44,12 +45,14 @@ from handgrad.grid_module import METRICS, STEPS, GridClassifier
 from handgrad.mlp import MLP
 from handgrad.module import HandgradClassifier
 from handgrad.outputs import check_output_dirs
-from handgrad.search import HPARAMS
+from handgrad.callbacks import HparamsLogger
+from handgrad.search import HPARAMS, member_names
 from handgrad.sweep_chunks import chunk_plan, merged_outcome, save_chunk
 from handgrad.sweep_cli import SweepCLI, check
 from handgrad.sweep_ranks import Ranks, default_members_per_step
-from handgrad.sweep_report import (CONFIG_COLUMNS, by_config, log_member_hparams, markdown, results_table,
-                                   retest_command, select, write_member_curves, write_results)
+from handgrad.sweep_report import (CONFIG_COLUMNS, by_config, log_member_hparams, markdown, member_params,
+                                   member_run, results_table, retest_command, select, write_member_curves,
+                                   write_results)
 
 
 
@@ -179,17 +182,19 @@ class EpochHistory(Callback):
 
 
 def run_sequential(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> dict:
-    """One HandgradClassifier per member, each with the grid's initial weights and its own trainer."""
+    """One HandgradClassifier per member, each with the grid's initial weights and its own trainer, which logs
+    into the member's run as the main job does (the same tags, its HPARAMS row and hp/* by HparamsLogger)."""
     from handgrad.errors import NonFiniteLossError
 
     spec, members = cli.model, cli.model.members
     save_config(cli, ranks, log_dir)
-    per_member, failed, fitted = [], [], []
+    per_member, failed, fitted, names = [], [], [], member_names(members)
     for k, m in enumerate(members):
         torch.manual_seed(m.get("seed", spec.init_seed))  # the grid's initial weights: MLP(sizes) after this seed
         model = HandgradClassifier(sizes=spec.sizes, activation=spec.activation, **{h: m[h] for h in HPARAMS})
         record = EpochHistory()
-        trainer = chunk_trainer(cli, ranks, callbacks=[record])
+        trainer = chunk_trainer(cli, ranks, callbacks=[record, HparamsLogger(experiment=False)],
+                                logger=member_run(log_dir, names[k]))
         _seed(cli)
         try:
             trainer.fit(model, datamodule=cli.datamodule)
@@ -198,7 +203,6 @@ def run_sequential(cli: SweepCLI, ranks: Ranks, log_dir: Path) -> dict:
             failed.append(trainer.current_epoch)
         per_member.append(record)
         fitted.append((model, trainer))
-        write_member_curves(log_dir, members, [k], record.history, record.steps)
     longest = max(per_member, key=lambda r: len(r.steps["val_step"]) + len(r.steps["train_step"]))
     history = {}  # [row][member], NaN where a member has no value (it failed, or stopped earlier)
     for name in METRICS:
@@ -295,7 +299,8 @@ def report(cli: SweepCLI, ranks: Ranks, log_dir: Path, outcome: dict, mode: str)
     b["test_acc"], b["selected"] = test.get("test_acc", math.nan), True
     config_rows = by_config(rows) if cli.model.members[0].get("seed") is not None else None
     csv_path, md_path = write_results(log_dir, rows, config_rows)
-    data_hp = dict(getattr(cli.datamodule, "hparams", {}))
+    data = cli.datamodule  # set up on rank 0: the training split's statistics travel in selected.ckpt
+    data_hp = dict(getattr(data, "hparams", {}))
     acc = "best_val_acc" if use_best else "val_acc"
     sweep_info = {"member": best, **{h: members[best][h] for h in HPARAMS}, "seed": members[best].get("seed"),
                   "select": rule, "val_acc": b[acc], "test_acc": b["test_acc"], "log_dir": str(log_dir)}
@@ -304,15 +309,18 @@ def report(cli: SweepCLI, ranks: Ranks, log_dir: Path, outcome: dict, mode: str)
         epoch, step = steps["val_epoch"][b["best_row"]], steps["val_step"][b["best_row"]]
     ckpt = save_selected(log_dir, selected_checkpoint(member_mlp(cli, state), members[best], cli.model.activation,
                                                       epoch=epoch, global_step=step, data_hparams=data_hp,
-                                                      sweep_info=sweep_info))
-    log_member_hparams(log_dir, members, rows, {"batch_size": data_hp.get("batch_size", 0),
-                                                "max_epochs": cli.trainer.max_epochs or 0, "mode": mode,
-                                                "select": rule})
+                                                      sweep_info=sweep_info, input_mean=getattr(data, "mean", None),
+                                                      input_std=getattr(data, "std", None),
+                                                      class_names=getattr(data, "class_names", None)))
+    network = {"sizes": cli.model.sizes, "activation": cli.model.activation, "seed": cli.model.init_seed}
+    params = [member_params(m, network, data_hp, cli.trainer.max_epochs) for m in members]
+    log_member_hparams(log_dir, members, rows, history, steps, params, trained_by_lightning=cli.config.sequential)
     print(f"\nSweep of {len(members)} members, {len(history['train_loss'])} epochs ({mode}), selected by {rule}:\n")
     print(markdown(rows) if config_rows is None else markdown(config_rows, columns=CONFIG_COLUMNS))
     print(f"\nselected: member {best} (lr {b['lr']:g}, momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}"
           f"{', seed ' + str(b['seed']) if b['seed'] != '' else ''}): val acc {b[acc]:.4f}, test acc {b['test_acc']:.4f}")
-    print(f"selected checkpoint: {ckpt}\n  test it again: {retest_command(ckpt, data_hp, str(cli.trainer.precision))}")
+    again = retest_command(ckpt, data_hp.get("data_dir", "DATA_DIR"), str(cli.trainer.precision))
+    print(f"selected checkpoint: {ckpt}\n  test it again: {again}")
     print(f"results: {csv_path}, {md_path}\nTensorBoard: tensorboard --logdir {log_dir}")
     return {"rows": rows, "best": best, "log_dir": log_dir, "history": history, "mode": mode, "selected_ckpt": ckpt,
             "config_rows": config_rows}

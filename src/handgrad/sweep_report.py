@@ -23,7 +23,9 @@ from typing import Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from handgrad.search import HPARAMS, config_of, mean_std, member_name, select_best
+from handgrad.search import HPARAMS, config_of, mean_std, member_names, select_best
+from handgrad.tensorboard_views import (SWEEP_METRICS, add_layout, final_metrics, log_hparams, run_hparams,
+                                       write_experiment)
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 COLUMNS = ("member", "lr", "momentum", "weight_decay", "dampening", "nesterov", "seed", "status",
@@ -156,16 +158,19 @@ def write_results(log_dir: Path, rows: list[dict], config_rows: Optional[list[di
 # ----------------------------------------------------------------------------- TensorBoard: one run per member
 
 
-def member_run(log_dir: Path, k: int, member: dict) -> TensorBoardLogger:
-    """Member k's TensorBoard run, ``log_dir/member_KK_.../``."""
-    return TensorBoardLogger(save_dir=str(log_dir), name="", version=member_name(k, member), default_hp_metric=False)
+def member_run(log_dir: Path, name: str) -> TensorBoardLogger:
+    """A member's TensorBoard run, ``log_dir/<name>/`` (names: :func:`handgrad.search.member_names`)."""
+    return TensorBoardLogger(save_dir=str(log_dir), name="", version=name, default_hp_metric=False)
 
 
 def write_member_curves(log_dir: Path, members: list[dict], indices: list[int], history: dict, steps: dict) -> None:
     """The epoch curves (train/loss, train/acc at the end of every training epoch; val/loss, val/acc at every
-    validation) of the members ``indices``, whose values are columns 0.. of ``history``, each in its own run."""
+    validation) of the members ``indices``, whose values are columns 0.. of ``history``, each in its own run; at
+    the step Lightning logs a main job's (and a --sequential member's) epoch metrics: the epoch's last, global
+    step - 1, so that their curves line up."""
+    names = member_names(members)
     for j, k in enumerate(indices):
-        run = member_run(log_dir, k, members[k])
+        run = member_run(log_dir, names[k])
         points = [(s, {"train/loss": history["train_loss"][e][j], "train/acc": history["train_acc"][e][j]})
                   for e, s in enumerate(steps["train_step"])]
         points += [(s, {"val/loss": history["val_loss"][v][j], "val/acc": history["val_acc"][v][j]})
@@ -173,33 +178,58 @@ def write_member_curves(log_dir: Path, members: list[dict], indices: list[int], 
         for step, metrics in sorted(points, key=lambda p: p[0]):
             finite = {name: x for name, x in metrics.items() if math.isfinite(x)}
             if finite:
-                run.log_metrics(finite, step=step)
+                run.log_metrics(finite, step=step - 1)
         run.finalize("success")
 
 
-def log_member_hparams(log_dir: Path, members: list[dict], rows: list[dict], extra: dict) -> None:
-    """Each member's hyperparameters against its final metrics, in its own run (TensorBoard HPARAMS tab)."""
+def member_params(member: dict, model: dict, data_hparams: dict, max_epochs) -> dict:
+    """A member's hyperparameters for HPARAMS (:func:`run_hparams`): the network's (``model``: sizes, activation,
+    ...), the member's SGD ones and its initial-weight seed, the data's, max_epochs."""
+    model = {**model, **{h: member[h] for h in HPARAMS}, "seed": member.get("seed", model.get("seed"))}
+    return run_hparams(model, data_hparams, max_epochs)
+
+
+def member_metrics(r: dict, history: dict, steps: dict) -> dict:
+    """Member row ``r``'s hp/* values (:func:`final_metrics` of its val accuracy at each validation, its last
+    train accuracy and val loss), hp/selected, and hp/test_acc on the selected member only. A failed member has
+    only hp/selected: no final values (the table shows none either)."""
+    k, val_epoch = r["member"], steps.get("val_epoch") or list(range(len(history["val_acc"])))
+    metrics = {}
+    if r["status"] == "ok":
+        val_acc = {e: row[k] for e, row in zip(val_epoch, history["val_acc"]) if math.isfinite(row[k])}
+        metrics = final_metrics(val_acc, r["train_acc"], r["val_loss"])
+    metrics["hp/selected"] = float(r["selected"])
+    if r["selected"] and math.isfinite(r["test_acc"]):
+        metrics["hp/test_acc"] = float(r["test_acc"])
+    return metrics
+
+
+def log_member_hparams(log_dir: Path, members: list[dict], rows: list[dict], history: dict, steps: dict,
+                       params: list[dict], trained_by_lightning: bool = False) -> None:
+    """TensorBoard's HPARAMS tab for the sweep: once, at the log root, its columns (the hyperparameters, those
+    that vary shown first, and :data:`SWEEP_METRICS`); per member run its row (``params[k]`` against
+    :func:`member_metrics`) and the CUSTOM SCALARS layout. ``trained_by_lightning`` (--sequential): each member's
+    Trainer wrote its row, layout and hp/* (HparamsLogger), hp/test_acc too: only hp/selected is added."""
+    write_experiment(log_dir, {name: [p.get(name, "") for p in params] for name in params[0]}, SWEEP_METRICS)
+    names = member_names(members)
     for r in rows:
-        run = member_run(log_dir, r["member"], members[r["member"]])
-        params = {h: r[h] for h in HPARAMS} | {"seed": r["seed"] if r["seed"] != "" else -1, **extra}
-        metrics = {f"hp/{name}": r[name] for name in (*METRICS, "best_val_acc", "test_acc")}
-        metrics["hp/selected"] = float(r["selected"])
-        metrics["hp/failed"] = float(r["status"] != "ok")
-        run.log_hyperparams(params, metrics)
+        k = r["member"]
+        run = member_run(log_dir, names[k])
+        step = steps["train_step"][-1] if steps.get("train_step") else 0
+        if trained_by_lightning:
+            run.log_metrics({"hp/selected": float(r["selected"])}, step=step)
+        else:
+            run.log_hyperparams(params[k])  # hparams.yaml (no HPARAMS row: default_hp_metric=False, no metrics)
+            add_layout(run)
+            log_hparams(run, params[k], member_metrics(r, history, steps), step=step)
         run.finalize("success")
 
 
-def retest_command(ckpt: Path, data_hparams: dict, precision: str) -> str:
-    """The ``train.py test`` line that evaluates ``ckpt`` on the sweep's test data again: the data options that
-    fix the test images and their normalisation (the training split's statistics), and the precision."""
-    words = ["python train.py test --ckpt_path", str(ckpt)]
-    if "data_dir" in data_hparams:
-        words += ["--data.data_dir", str(data_hparams["data_dir"])]
-    if "classes" in data_hparams:
-        words += ["--data.classes", "'[" + ", ".join(map(str, data_hparams["classes"])) + "]'"]
-    for key in ("val_fraction", "split_seed"):
-        if key in data_hparams:
-            words += [f"--data.{key}", str(data_hparams[key])]
+def retest_command(ckpt: Path, data_dir, precision: str) -> str:
+    """The ``train.py test`` line that evaluates ``ckpt`` on the sweep's test data again: the checkpoint carries
+    its class names and the training split's statistics (:mod:`handgrad.contract`), so only where the images
+    are, and the precision of a float64 sweep."""
+    words = ["python train.py test --ckpt_path", str(ckpt), "--data.data_dir", str(data_dir)]
     if precision != "32-true":
         words += ["--trainer.precision", precision]
     return " ".join(words)
