@@ -96,10 +96,17 @@ class Ranks:
         self.resume["how"] = f"--trainer.logger.init_args.version {log_dir.name.removeprefix('version_')} ({log_dir})"
 
     def close(self) -> None:
-        """Stop the heartbeat (all ranks call this after the last gather)."""
+        """Stop the heartbeat and leave the process group (all ranks call this after the last gather): a process
+        that exits with its gloo groups still alive can abort in their C++ destructors ("terminate called without
+        an active exception"), and rank 0 goes on alone (test, report) as one process."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
+        if self.world > 1 and dist.is_initialized():
+            self.barrier()
+            dist.destroy_process_group()
+            self.group = None
+            self.world = 1
 
 
 class Heartbeat(threading.Thread):
