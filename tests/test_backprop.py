@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from course_models import CourseNet  # the course's way of writing a model (also loaded by verify)
 
 from handgrad import activations, losses
 from handgrad.backprop import backpropagation, backward
@@ -121,26 +122,6 @@ def test_unknown_activation_and_bad_sizes():
 
 
 # --- the course entry point: backpropagation(model, y_true, y_pred) with the sum of squared errors ---
-
-
-class CourseNet(torch.nn.Module):
-    """A model written the way the course writes it (tanh everywhere, lists not ours), to show
-    that backpropagation() needs only the attributes, not handgrad's MLP class."""
-
-    def __init__(self, sizes):
-        super().__init__()
-        self.n_l, self.L = sizes, len(sizes) - 1
-        self.fc = torch.nn.ModuleDict({str(l): torch.nn.Linear(sizes[l - 1], sizes[l]) for l in range(1, self.L + 1)})
-        self.f = {l: torch.tanh for l in range(1, self.L + 1)}
-        self.df = {l: (lambda z: 1 - torch.tanh(z) ** 2) for l in range(1, self.L + 1)}
-        self.a, self.z, self.dL_dw, self.dL_db = {}, {}, {}, {}
-
-    def forward(self, x):
-        self.a[0] = x
-        for l in range(1, self.L + 1):
-            self.z[l] = self.fc[str(l)](self.a[l - 1])
-            self.a[l] = self.f[l](self.z[l])
-        return self.a[self.L]
 
 
 @pytest.mark.parametrize("net", [CourseNet, lambda s: MLP(s, activation="tanh", output_activation="tanh")])

@@ -120,19 +120,10 @@ def _remove_dead_writers_files(folder: Path, prefix: str) -> None:
     process's temporary file is left alone."""
     for stale in folder.glob(f"{prefix}*.tmp"):
         pid = stale.name[len(prefix):].split(".")[0]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and folder_lock.is_running(int(pid)):
             continue
         stale.unlink(missing_ok=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _is_local(path) -> bool:
