@@ -18,6 +18,19 @@ from torch.testing._internal.common_utils import TestCase, parametrize
 from torch_suite import DB
 
 
+def stepped_three_times(device, dtype, optim_info):
+    """For every input of the SGD entry (differentiable ones left out), an optimizer over two parameters with
+    fixed random gradients, after three steps."""
+    params = [Parameter(torch.randn(2, 3, device=device, dtype=dtype)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.rand_like(p)
+    for optim_input in all_inputs(device, dtype, optim_info, skip=("differentiable",)):
+        optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
+        for _ in range(3):
+            optimizer.step()
+        yield optimizer
+
+
 def state_dict_pre_hook(optimizer):
     optimizer.state["test"] = 1
 
@@ -157,13 +170,7 @@ class TestOptimRenewed(TestCase):
 
     @optims(DB, dtypes=[torch.float32])
     def test_load_nontensor_step(self, device, dtype, optim_info):
-        params = [Parameter(torch.randn(2, 3, device=device, dtype=dtype)) for _ in range(2)]
-        for p in params:
-            p.grad = torch.rand_like(p)
-        for optim_input in all_inputs(device, dtype, optim_info, skip=("differentiable",)):
-            optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
-            for _ in range(3):
-                optimizer.step()
+        for optimizer in stepped_three_times(device, dtype, optim_info):
             sd = deepcopy(optimizer.state_dict())
             for state in sd["state"].values():
                 if torch.is_tensor(state.get("step")):
@@ -276,13 +283,7 @@ class TestOptimRenewed(TestCase):
 
     @optims(DB, dtypes=[torch.float32])
     def test_deepcopy_copies_all_public_attrs(self, device, dtype, optim_info):
-        params = [Parameter(torch.randn(2, 3, device=device, dtype=dtype)) for _ in range(2)]
-        for p in params:
-            p.grad = torch.rand_like(p)
-        for optim_input in all_inputs(device, dtype, optim_info, skip=("differentiable",)):
-            optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
-            for _ in range(3):
-                optimizer.step()
+        for optimizer in stepped_three_times(device, dtype, optim_info):
             public = {k for k in optimizer.__dict__ if not k.startswith("_")}
             self.assertEqual(public, {k for k in deepcopy(optimizer).__dict__ if not k.startswith("_")})
 
