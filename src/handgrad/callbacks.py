@@ -27,7 +27,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from handgrad.tensorboard_views import (KEY_HPARAMS, METRICS, add_layout, confusion_matrix_image, final_metrics,
-                                      log_hparams, run_hparams, write_experiment)
+                                      log_hparams, markdown_table, run_hparams, write_experiment)
 
 
 def tensorboard(trainer):
@@ -167,7 +167,5 @@ def add_lr_monitor(trainer) -> None:
 
 def confusion_matrix_markdown(cm: Tensor, class_names: Sequence[str]) -> str:
     """The confusion matrix as a Markdown table (rows: true class, columns: predicted)."""
-    cm = cm.cpu().tolist()
-    lines = ["| true \\ predicted | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(class_names, cm)]
-    return "\n".join(lines)
+    return markdown_table(["true \\ predicted", *class_names],
+                          ([name, *(int(v) for v in row)] for name, row in zip(class_names, cm.cpu().tolist())))

@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from handgrad import cifar_fetch, cifar_io
 from handgrad.cifar_io import CIFAR10_CLASSES, BadDataError, DataNotFoundError
 from handgrad.errors import ConfigError
-from handgrad.tensorboard_views import labelled_grid
+from handgrad.tensorboard_views import labelled_grid, markdown_table
 
 __all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "channel_stats", "normalize",
            "CIFAR10_CLASSES", "BadDataError", "DataNotFoundError"]
@@ -287,9 +287,8 @@ class CIFAR10DataModule(L.LightningDataModule):
         example training images, one row per class (to every TensorBoardLogger in `loggers`)."""
         if self.sample_grid is None:
             raise RuntimeError("call setup() before log_samples()")
-        header = "| split | " + " | ".join(self.class_names) + " | total |\n|---|" + "---|" * (self.num_classes + 1)
-        rows = [f"| {s} | " + " | ".join(map(str, c)) + f" | {sum(c)} |" for s, c in self.class_counts.items()]
-        table = "\n".join([header] + rows)
+        table = markdown_table(["split", *self.class_names, "total"],
+                               ([s, *c, sum(c)] for s, c in self.class_counts.items()))
         rank_zero_info(f"CIFAR-10 {self.class_names} from {self.data_dir}, images per class:\n{table}")
         loggers = [loggers] if isinstance(loggers, Logger) else list(loggers or ())
         for logger in loggers:

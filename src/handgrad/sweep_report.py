@@ -24,8 +24,8 @@ from typing import Optional
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from handgrad.search import HPARAMS, config_of, mean_std, member_names, select_best
-from handgrad.tensorboard_views import (SWEEP_METRICS, add_layout, final_metrics, log_hparams, run_hparams,
-                                       write_experiment)
+from handgrad.tensorboard_views import (SWEEP_METRICS, add_layout, final_metrics, log_hparams, markdown_table,
+                                       run_hparams, write_experiment)
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 COLUMNS = ("member", "lr", "momentum", "weight_decay", "dampening", "nesterov", "seed", "status",
@@ -128,9 +128,7 @@ def markdown(rows: list[dict], columns=COLUMNS) -> str:
             return "" if math.isnan(mean) else f"{_fmt(c, mean)} ± {_fmt(c, std)}"
         return _fmt(c, r[c])
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, ([cell(r, c) for c in columns] for r in rows))
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
