@@ -43,8 +43,6 @@ from handgrad.mlp import MLP
 from handgrad.nan_guard import FiniteLossGuard
 from handgrad.optim import SGD
 
-check_hyperparameters = check_model_hyperparameters  # the name it had here
-
 
 class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.LightningModule):
     """An image classifier ``MLP(sizes, activation)`` trained with manual optimization.
