@@ -8,15 +8,15 @@
     python train.py validate|test|predict --config configs/airplane_bird.yaml --ckpt_path PATH.ckpt
     python train.py fit --config configs/float64.yaml --model.backprop autograd --model.optimizer torch
     python train.py fit --print_config                  # every option with its value
-    python train.py sweep ...                           # grid search (handgrad.sweep)
-    python train.py verify ...                          # check the hand-written gradients and SGD (handgrad.verify)
+    python train.py sweep ...                           # grid search (handgrad.sweep.run)
+    python train.py verify ...                          # check the hand-written gradients and SGD (handgrad.verify.cli)
 
 Logs and checkpoints go to lightning_logs/version_N/ under --trainer.default_root_dir (default: the working
 directory); see them with `tensorboard --logdir lightning_logs`.
 
 Several GPUs or nodes: Lightning's launchers, e.g. `python train.py fit --trainer.devices 4 --trainer.strategy ddp`
 or `torchrun --nnodes 2 --nproc_per_node 4 ... train.py fit --trainer.num_nodes 2 --trainer.devices 4`; the
-hand-written gradients are averaged over all processes (handgrad.distributed). Checkpoints are written atomically;
+hand-written gradients are averaged over all processes (handgrad.core.distributed). Checkpoints are written atomically;
 `--last_checkpoint.every_n_train_steps N` bounds what a kill loses to N steps (resume with --ckpt_path).
 """
 
@@ -28,12 +28,12 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from handgrad.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_on_user_error, quiet_lightning_notices
+from handgrad.train.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_on_user_error, quiet_lightning_notices
 
 # `python train.py NAME ...` hands the rest of the command line to NAME's module's main(args)
 COMMANDS = {
-    "sweep": "handgrad.sweep",  # grid search, all members at once
-    "verify": "handgrad.verify",  # the hand-written gradients and SGD step checked on this machine
+    "sweep": "handgrad.sweep.run",  # grid search, all members at once
+    "verify": "handgrad.verify.cli",  # the hand-written gradients and SGD step checked on this machine
 }
 
 
@@ -61,8 +61,8 @@ def run_default(overrides: list[str]) -> HandgradCLI:
 
 
 def main(args: list[str] | None = None):
-    """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep; `verify ...` ->
-    handgrad.verify; else LightningCLI."""
+    """Dispatch: no arguments or only options -> the main job; `sweep ...` -> handgrad.sweep.run; `verify ...` ->
+    handgrad.verify.cli; else LightningCLI."""
     args = sys.argv[1:] if args is None else list(args)
     quiet_lightning_notices()
     with exit_on_user_error():

@@ -16,7 +16,7 @@ from torch import nn
 
 def reference_mlp(sizes) -> nn.Sequential:
     """Flatten, then Linear/ReLU pairs and a last Linear. Built right after ``torch.manual_seed(s)`` it holds the
-    same initial weights as ``handgrad.mlp.MLP(sizes)`` built after the same seed (same layers, same order)."""
+    same initial weights as ``handgrad.core.mlp.MLP(sizes)`` built after the same seed (same layers, same order)."""
     layers: list[nn.Module] = [nn.Flatten()]
     for i in range(1, len(sizes)):
         layers.append(nn.Linear(sizes[i - 1], sizes[i]))

@@ -9,7 +9,7 @@ What runs (each ``--repeats`` times, interleaved, so a change of background load
   plain     the baseline (bench/baseline.py): nn.Sequential + autograd + torch.optim.SGD over slices of the
             device-resident tensors, one member after the other;
   raw       handgrad's hand-written step with no framework around it: the same loop as plain, with MLP.forward,
-            losses.cross_entropy, backprop.backward and handgrad.optim.SGD (what the math costs, without Lightning);
+            losses.cross_entropy, backprop.backward and handgrad.core.optim.SGD (what the math costs, without Lightning);
   trainer   handgrad's HandgradClassifier (hand-written backward and SGD) through a Lightning Trainer, one
             member after the other;
   grid      handgrad's GridClassifier: all members as one batched model through one Trainer (once per
@@ -55,13 +55,13 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from baseline import sync, timed_epochs, train_plain  # noqa: E402
-from handgrad import losses  # noqa: E402
-from handgrad.backprop import backward  # noqa: E402
-from handgrad.data import CIFAR10DataModule, TensorBatches  # noqa: E402
-from handgrad.grid_module import GridClassifier  # noqa: E402
-from handgrad.mlp import MLP  # noqa: E402
-from handgrad.module import HandgradClassifier  # noqa: E402
-from handgrad.optim import SGD  # noqa: E402
+from handgrad.core import losses  # noqa: E402
+from handgrad.core.backprop import backward  # noqa: E402
+from handgrad.data.datamodule import CIFAR10DataModule, TensorBatches  # noqa: E402
+from handgrad.sweep.module import GridClassifier  # noqa: E402
+from handgrad.core.mlp import MLP  # noqa: E402
+from handgrad.train.module import HandgradClassifier  # noqa: E402
+from handgrad.core.optim import SGD  # noqa: E402
 
 SIZES = [3072, 512, 128, 32, 2]
 SEED = 265

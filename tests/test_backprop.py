@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from course_models import CourseNet  # the course's way of writing a model (also loaded by verify)
 
-from handgrad import activations, losses
-from handgrad.backprop import backpropagation, backward
-from handgrad.mlp import MLP
-from handgrad.verify_checks import central_differences
+from handgrad.core import activations
+from handgrad.core import losses
+from handgrad.core.backprop import backpropagation, backward
+from handgrad.core.mlp import MLP
+from handgrad.verify.checks import central_differences
 
 ACTS = sorted(activations.ACTIVATIONS)
 

@@ -1,4 +1,4 @@
-"""The fused training step of the grid (GridClassifier(compile=...), handgrad.grid_module.FusedStep) against the eager step.
+"""The fused training step of the grid (GridClassifier(compile=...), handgrad.sweep.module.FusedStep) against the eager step.
 
 The fused step is the eager step's code run through torch.compile (or recorded as a CUDA graph), so it must
 give the same numbers up to floating-point rounding (compiled kernels may fuse and reorder operations).
@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-from handgrad.grid_module import FusedStep, GridClassifier
+from handgrad.sweep.module import FusedStep, GridClassifier
 from test_grid import MEMBERS, SEED, SIZES, TensorData
 
 # the first four kinds of members, and one whose lr makes it overflow float64 in its second step: the

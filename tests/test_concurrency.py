@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from conftest import write_image_folder
-from handgrad import run_folder
-from handgrad.cli import RunLogger
-from handgrad.checkpoints import load_for_checks
-from handgrad.errors import OutputDirError
+from handgrad.runtime import run_folders as run_folder
+from handgrad.train.cli import RunLogger
+from handgrad.train.checkpoints import load_for_checks
+from handgrad.runtime.errors import OutputDirError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")

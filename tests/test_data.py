@@ -1,4 +1,4 @@
-"""handgrad.data.CIFAR10DataModule: both source formats, labels, split, statistics, batches, errors, cache,
+"""handgrad.data.datamodule.CIFAR10DataModule: both source formats, labels, split, statistics, batches, errors, cache,
 Lightning integration, and the real airplane/bird JPEGs."""
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from conftest import CIFAR10_CLASSES, write_image_folder
-from handgrad import cifar_fetch, cifar_io
-from handgrad.data import (BadDataError, CIFAR10DataModule, DataNotFoundError, TensorBatches, channel_stats,
+from handgrad.data import cifar_fetch
+from handgrad.data import cifar_io
+from handgrad.data.datamodule import (BadDataError, CIFAR10DataModule, DataNotFoundError, TensorBatches, channel_stats,
                            stratified_split)
 
 TRAINER_KW = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,

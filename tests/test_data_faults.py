@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from handgrad import cifar_fetch, cifar_io, folder_lock
-from handgrad.data import CIFAR10DataModule, DataNotFoundError
+from handgrad.data import cifar_fetch
+from handgrad.data import cifar_io
+from handgrad.runtime import locks as folder_lock
+from handgrad.data.datamodule import CIFAR10DataModule, DataNotFoundError
 from test_data import write_pickle_batches
 
 CLASSES = ("airplane", "bird")
@@ -65,8 +67,8 @@ def leftovers(data_dir: Path) -> list[str]:
 RACER = r"""
 import hashlib, json, os, sys, time
 from pathlib import Path
-from handgrad import cifar_io
-from handgrad.data import CIFAR10DataModule
+from handgrad.data import cifar_io
+from handgrad.data.datamodule import CIFAR10DataModule
 
 decoded = []
 real_decode = cifar_io.decode
@@ -142,8 +144,8 @@ KILLED = r"""
 import sys, time
 from pathlib import Path
 import torch
-from handgrad import cifar_fetch
-from handgrad.data import CIFAR10DataModule
+from handgrad.data import cifar_fetch
+from handgrad.data.datamodule import CIFAR10DataModule
 
 marker, where, data_dir = sys.argv[1:]
 if where == "extraction":  # stop after 5 files of the archive

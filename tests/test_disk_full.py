@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image_folder
-from handgrad.checkpoints import load_for_checks
+from handgrad.train.checkpoints import load_for_checks
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO / "src")}

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from handgrad import distributed
-from handgrad.module import HandgradClassifier
+from handgrad.core import distributed
+from handgrad.train.module import HandgradClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 

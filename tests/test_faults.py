@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from handgrad import cifar_io
-from handgrad.checkpoints import AtomicCheckpointIO
-from handgrad.errors import CheckpointError, OutputDirError
+from handgrad.data import cifar_io
+from handgrad.train.checkpoints import AtomicCheckpointIO
+from handgrad.runtime.errors import CheckpointError, OutputDirError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -153,7 +153,7 @@ def test_resume_at_an_epoch_end_and_mid_epoch_is_exact(data_dir, uninterrupted, 
 def test_a_run_stopped_by_max_steps_resumes_its_epoch_where_it_stopped(data_dir, uninterrupted, tmp_path, monkeypatch):
     """--trainer.max_steps 6 stops in the middle of epoch 1 (4 steps per epoch); resumed with max_epochs 5 it does
     the 2 remaining batches of epoch 1, then epochs 2-4: 20 steps, bitwise the uninterrupted run (Lightning alone
-    would start epoch 2 and end at step 18: handgrad.checkpoints.StoppedMidEpoch)."""
+    would start epoch 2 and end at step 18: handgrad.train.checkpoints.StoppedMidEpoch)."""
     monkeypatch.chdir(tmp_path)
     # last.ckpt only after validation or, as here, when the run stops (not after every step: that one is exact)
     stopped = train.main(fit_args(data_dir, *RESUMABLE, "--trainer.max_steps", "6",
@@ -320,8 +320,8 @@ def test_evaluation_needs_a_checkpoint_file(data_dir, tmp_path, monkeypatch, cap
 
 def test_checkpoint_of_another_architecture_python_api(data_dir, trained_checkpoint, tmp_path):
     """Trainer.fit(model, ckpt_path=...) with a model of other sizes: the same message, not a state-dict traceback."""
-    from handgrad.data import CIFAR10DataModule
-    from handgrad.module import HandgradClassifier
+    from handgrad.data.datamodule import CIFAR10DataModule
+    from handgrad.train.module import HandgradClassifier
 
     model = HandgradClassifier([3072, 32, 2])
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

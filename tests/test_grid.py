@@ -1,5 +1,5 @@
-"""The batched grid (handgrad.grid) against independent references: autograd, torch.optim.SGD, and
-each member trained alone by a plain loop (handgrad.mlp.MLP + autograd + torch.optim.SGD)."""
+"""The batched grid (handgrad.core.grid) against independent references: autograd, torch.optim.SGD, and
+each member trained alone by a plain loop (handgrad.core.mlp.MLP + autograd + torch.optim.SGD)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from handgrad.grid import GridMLP, GridSGD, grid_backward
-from handgrad.grid_module import GridClassifier
-from handgrad.search import HPARAMS, expand_grid, member_names, select_best
-from handgrad.activations import ACTIVATIONS
-from handgrad.losses import cross_entropy
-from handgrad.mlp import MLP
+from handgrad.core.grid import GridMLP, GridSGD, grid_backward
+from handgrad.sweep.module import GridClassifier
+from handgrad.sweep.search import HPARAMS, expand_grid, member_names, select_best
+from handgrad.core.activations import ACTIVATIONS
+from handgrad.core.losses import cross_entropy
+from handgrad.core.mlp import MLP
 
 SIZES = [48, 24, 12, 3]  # small enough for the 2-core CPU, deep enough for the recursion
 SEED = 7
@@ -507,7 +507,7 @@ def test_resume_mid_epoch_equals_uninterrupted(image_folder, tmp_path):
     """Lightning calls no on_train_epoch_start for an epoch resumed mid-way: the grid must still train on exactly."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from handgrad.data import CIFAR10DataModule
+    from handgrad.data.datamodule import CIFAR10DataModule
 
     root, _ = image_folder
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from handgrad.callbacks import ClassMetrics
-from handgrad.module import HandgradClassifier, NonFiniteLossError, SetupError
+from handgrad.train.callbacks import ClassMetrics
+from handgrad.train.module import HandgradClassifier, NonFiniteLossError, SetupError
 
 SIZES = [3072, 16, 10]
 
@@ -142,7 +142,7 @@ def test_float32_default_and_optimizer_state(tmp_path):
     assert rec.dtypes == {torch.float32}
     assert model.trainer.global_step == 10  # Lightning counted the manual optimizer steps
     opt = model.trainer.optimizers[0]
-    assert type(opt).__module__ == "handgrad.optim"
+    assert type(opt).__module__ == "handgrad.core.optim"
     assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
     # the numbers: the plain float32 loop, up to float32 rounding in another order
     ref_model, ref_losses = reference_run(init, TensorData().batches(dtype=torch.float32), dtype=torch.float32)
@@ -153,7 +153,7 @@ def test_float32_default_and_optimizer_state(tmp_path):
 
 @pytest.mark.parametrize("kind", ["classifier", "grid"])
 def test_an_empty_training_batch_is_named_not_taken_for_divergence(tmp_path, kind):
-    from handgrad.grid_module import GridClassifier
+    from handgrad.sweep.module import GridClassifier
 
     x, y = TensorData().batches("train", torch.float32)[0]
 

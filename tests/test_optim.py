@@ -1,4 +1,4 @@
-"""handgrad.optim.SGD against torch.optim.SGD: bitwise equal parameters after every step."""
+"""handgrad.core.optim.SGD against torch.optim.SGD: bitwise equal parameters after every step."""
 
 import inspect
 import itertools

@@ -19,11 +19,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.transforms.v2.functional import resize
 
-from handgrad.checkpoints import selected_checkpoint
-from handgrad.data import CIFAR10DataModule
-from handgrad.errors import ConfigError
-from handgrad.mlp import MLP
-from handgrad.module import HandgradClassifier
+from handgrad.train.checkpoints import selected_checkpoint
+from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.runtime.errors import ConfigError
+from handgrad.core.mlp import MLP
+from handgrad.train.module import HandgradClassifier
 
 from conftest import CIFAR10_CLASSES
 

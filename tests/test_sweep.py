@@ -1,4 +1,4 @@
-"""The sweep command end to end (handgrad.sweep): generated image folders, few epochs, CPU."""
+"""The sweep command end to end (handgrad.sweep.run): generated image folders, few epochs, CPU."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
-from handgrad import outputs, sweep, sweep_cli
-from handgrad import sweep_report as report
-from handgrad.errors import ConfigError
-from handgrad.grid_module import GridClassifier
-from handgrad.search import expand_grid, member_names
+from handgrad.runtime import outputs
+from handgrad.sweep import run as sweep
+from handgrad.sweep import cli as sweep_cli
+from handgrad.sweep import report as report
+from handgrad.runtime.errors import ConfigError
+from handgrad.sweep.module import GridClassifier
+from handgrad.sweep.search import expand_grid, member_names
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "grid.yaml"
@@ -354,7 +356,7 @@ def test_seeds_and_best_epoch_selection_end_to_end(image_folder, tmp_path, monke
 def test_default_members_per_step(monkeypatch):
     """Unset, K is 16 on a CPU; on a GPU half the free memory over one member's share (its parameters in weights,
     gradients, momentum, SGD work tensor and, with best_epoch, the best copy; its activations for one batch)."""
-    from handgrad.sweep_ranks import default_members_per_step
+    from handgrad.sweep.ranks import default_members_per_step
 
     sizes = [3072, 512, 128, 32, 2]
     assert default_members_per_step(torch.device("cpu"), sizes, 256, torch.float32, keep_best=False) == 16

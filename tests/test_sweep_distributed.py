@@ -1,4 +1,4 @@
-"""The sweep over several processes (handgrad.sweep_ranks, handgrad.sweep_chunks): Lightning's ddp launcher and
+"""The sweep over several processes (handgrad.sweep.ranks, handgrad.sweep.chunks): Lightning's ddp launcher and
 torchrun against one process, bounded memory over many members, a killed rank, the heartbeat, resuming."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import pytest
 import torch
 import yaml
 
-from handgrad import sweep
-from handgrad import sweep_report as report
-from handgrad.search import expand_grid, member_names
+from handgrad.sweep import run as sweep
+from handgrad.sweep import report as report
+from handgrad.sweep.search import expand_grid, member_names
 from test_sweep import REPO, read_csv, scalars, selected_weights, sweep_args
 
 
 def sweep_command(*args) -> list[str]:
-    """``python -m handgrad.sweep ARGS`` as a user starts it (Lightning's ddp launcher runs it again per device)."""
-    return [sys.executable, "-m", "handgrad.sweep", *args]
+    """``python -m handgrad.sweep.run ARGS`` as a user starts it (Lightning's ddp launcher runs it again per device)."""
+    return [sys.executable, "-m", "handgrad.sweep.run", *args]
 
 
 def torchrun_command(*args) -> list[str]:
@@ -75,7 +75,7 @@ def test_two_processes_give_the_one_process_results(image_folder, tmp_path, monk
 
 MEMORY_SCRIPT = """
 import json, resource, sys
-from handgrad import sweep
+from handgrad.sweep import run as sweep
 peaks = []
 for samples in ("16", "200"):
     result = sweep.main(json.loads(sys.argv[1]) + ["--model.samples", samples])
@@ -139,7 +139,7 @@ def test_a_killed_rank_stops_the_other_and_a_rerun_resumes(image_folder, tmp_pat
 HEARTBEAT_SCRIPT = """
 import sys, time
 import torch.distributed as dist
-from handgrad.sweep_ranks import Heartbeat
+from handgrad.sweep.ranks import Heartbeat
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 Heartbeat(dist.new_group(backend="gloo"), rank, 2, {"how": "the same log folder"}).start()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from handgrad import sweep
-from handgrad.data import CIFAR10DataModule
-from handgrad.tensorboard_views import SWEEP_METRICS
+from handgrad.sweep import run as sweep
+from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.train.views import SWEEP_METRICS
 
 from test_tensorboard import events, hparams_data, layout, values
 

@@ -15,7 +15,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torchvision.io import decode_png
 
-from handgrad.tensorboard_views import (KEY_HPARAMS, METRICS, SWEEP_METRICS, add_layout, confusion_matrix_image,
+from handgrad.train.views import (KEY_HPARAMS, METRICS, SWEEP_METRICS, add_layout, confusion_matrix_image,
                                         final_metrics, log_hparams, run_hparams, write_experiment)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,9 +209,9 @@ def test_a_callers_hparams_logger_replaces_the_models(image_folder, tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from handgrad.callbacks import HparamsLogger
-    from handgrad.data import CIFAR10DataModule
-    from handgrad.module import HandgradClassifier
+    from handgrad.train.callbacks import HparamsLogger
+    from handgrad.data.datamodule import CIFAR10DataModule
+    from handgrad.train.module import HandgradClassifier
 
     root, _ = image_folder
     ours = HparamsLogger(experiment=False)

@@ -1,4 +1,4 @@
-"""PyTorch's own optimizer tests, run on handgrad.optim.SGD (CPU).
+"""PyTorch's own optimizer tests, run on handgrad.core.optim.SGD (CPU).
 
 A port of pytorch/pytorch's ``test/test_optim.py`` class ``TestOptimRenewed`` (the tests that apply to SGD on
 a CPU) and of the SGD tests of ``test/optim/test_optim.py`` class ``TestDifferentiableOptimizer``, written anew
@@ -7,7 +7,7 @@ not these test files). Each test keeps its upstream name and checks.
 
 The configurations are torch's own: the SGD entry of ``torch.testing._internal.common_optimizers.optim_db`` (its
 optimizer inputs, error inputs, LR schedulers, sparse settings and skips), with ``optim_cls`` replaced by
-``handgrad.optim.SGD`` and ``"fused"`` removed from its implementations, because handgrad refuses
+``handgrad.core.optim.SGD`` and ``"fused"`` removed from its implementations, because handgrad refuses
 ``fused=True``. torch's ``@optims`` decorator and ``instantiate_device_type_tests`` generate one test per
 (test, parameters, dtype) on the CPU, as upstream does. ``torch.testing._internal`` is not a public API: it is
 used here because it *is* torch's test database, so these tests follow what torch tests; if it changes shape,

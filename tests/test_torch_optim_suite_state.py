@@ -1,4 +1,4 @@
-"""PyTorch's own optimizer tests on handgrad.optim.SGD, part 2: state dicts, hooks, copies (TestOptimRenewed)
+"""PyTorch's own optimizer tests on handgrad.core.optim.SGD, part 2: state dicts, hooks, copies (TestOptimRenewed)
 and the SGD tests of test/optim/test_optim.py's TestDifferentiableOptimizer. See test_torch_optim_suite.py."""
 
 import functools

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from handgrad.data import CIFAR10DataModule
-from handgrad.mlp import MLP
-from handgrad.optim import SGD
-from handgrad.verify_checks import check_autograd, check_finite_differences, check_sgd, course_subject, ulp_distance
+from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.core.mlp import MLP
+from handgrad.core.optim import SGD
+from handgrad.verify.checks import check_autograd, check_finite_differences, check_sgd, course_subject, ulp_distance
 from test_distributed import two_processes  # (tests/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_ulp_distance_counts_the_floats_in_between(dtype):
 
 def test_course_net_passes_checks_and_wrong_derivative_does_not():
     x, y = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
-    from handgrad.backprop import backpropagation
+    from handgrad.core.backprop import backpropagation
 
     for cls, ok in ((course_models.CourseNet, True), (course_models.WrongTanhNet, False)):
         torch.manual_seed(0)

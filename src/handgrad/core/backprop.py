@@ -1,0 +1,83 @@
+"""Backpropagation by hand: the delta recursion over a batch, no autograd inside.
+
+With the forward pass cached (a^0..a^L, z^1..z^L, see :mod:`handgrad.core.mlp`) and
+g = dL/da^L given by the loss, for a batch of N rows:
+
+    delta^L     = g ⊙ f_L'(z^L)                          (N, n_L)
+    delta^{l-1} = (delta^l W^l) ⊙ f_{l-1}'(z^{l-1})      (N, n_{l-1}),  l = L..2
+    dL/dW^l     = delta^{l T} a^{l-1}                    (n_l, n_{l-1})
+    dL/db^l     = sum_n delta^l_n                        (n_l,)
+
+The batch sum lives inside the matrix product, so a "mean" loss is handled by the
+1/N already in g.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def backward(model, grad_output: Tensor, *, write_grad: bool = True) -> None:
+    """Fill ``model.dL_dw[l]`` and ``model.dL_db[l]`` for l = 1..L.
+
+    ``write_grad=True`` (training): they are the parameters' ``.grad`` (overwritten, in place when its shape and
+    dtype fit), so any optimizer can step. ``write_grad=False``: they are new tensors of their own and every
+    ``.grad`` is left as it was (autograd's gradients, for example, stay there to be compared with).
+
+    ``model`` exposes ``L``, ``fc`` (``fc[str(l)].weight`` is W^l), ``a``, ``z``, ``df`` as
+    :class:`handgrad.core.mlp.MLP` does; ``grad_output`` is dL/da^L, shaped like ``model.a[L]``.
+    Inputs may be a batch (N, n) or a single sample (n,). With a leading member axis, as
+    :class:`handgrad.core.grid.GridMLP` has (W^l (K, n_l, n_{l-1}), b^l (K, n_l), a^l (K, N, n_l), a^0 (N, n_0)
+    shared), the same lines compute every member's gradients: the matrix products batch over k.
+    """
+    L = model.L
+    if isinstance(model.z, dict) and L not in model.z:
+        raise RuntimeError("backward() needs the cached activations: call model(x) first")
+    if grad_output.shape != model.a[L].shape:
+        raise ValueError(
+            f"grad_output has shape {tuple(grad_output.shape)}, the network output a[L] has {tuple(model.a[L].shape)}"
+        )
+    single = grad_output.dim() == 1  # one sample: treat as a batch of one
+    delta = grad_output * model.df[L](model.z[L])
+    if single:
+        delta = delta[None]
+    for l in range(L, 0, -1):
+        a_prev = model.a[l - 1]
+        if single:
+            a_prev = a_prev.reshape(1, -1)
+        elif a_prev.dim() > delta.dim():  # an input cached unflattened, e.g. (N, 3, 32, 32)
+            a_prev = a_prev.flatten(delta.dim() - 1)
+        layer = model.fc[str(l)]
+        into_w = grad_buffer(layer.weight) if write_grad else None  # None: a new tensor
+        into_b = grad_buffer(layer.bias) if write_grad and layer.bias is not None else None
+        model.dL_dw[l] = torch.matmul(delta.transpose(-2, -1), a_prev, out=into_w)
+        model.dL_db[l] = torch.sum(delta, -2, out=into_b)
+        if l > 1:
+            z_prev = model.z[l - 1]
+            delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)
+
+
+def grad_buffer(p: Tensor) -> Tensor:
+    """``p.grad``, to be overwritten in place, when its shape, dtype and device fit; else a new ``p.grad``.
+    Reusing it saves allocating a large gradient every step (page faults on a CPU) and keeps its address
+    (needed by a captured or compiled step)."""
+    g = p.grad
+    if g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.requires_grad:
+        g = p.grad = torch.empty_like(p)
+    return g
+
+
+def backpropagation(model, y_true: Tensor, y_pred: Tensor) -> None:
+    """The course's entry point: backpropagate the sum of squared errors
+
+        L = sum (y_pred - y_true)^2,   dL/dy_pred = 2 (y_pred - y_true)
+
+    through any model exposing ``L, fc, a, z, df, dL_dw, dL_db`` (not only ours),
+    for one sample or a batch. ``y_pred`` is the output of the last ``model(x)``.
+    ``model.dL_dw[l]``, ``dL_db[l]`` are tensors of their own; the parameters' ``.grad`` (autograd's, in
+    the course's grader) are not touched.
+    """
+    with torch.no_grad():
+        backward(model, 2 * (y_pred - y_true), write_grad=False)

@@ -1,0 +1,368 @@
+"""The LightningModule that trains a whole grid at once (:class:`GridClassifier`), and its training step
+compiled or recorded as one CUDA graph (:class:`FusedStep`).
+
+The math is :mod:`handgrad.core.grid` (the stacked network, its backward pass, the per-member SGD step);
+this file adds what Lightning needs around it: the training, validation and test steps, per-member
+metrics summed on the device and read once per epoch, the failure mask, checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Sequence
+
+import lightning as L
+from lightning.pytorch.strategies import SingleDeviceStrategy
+import torch
+from torch import Tensor
+
+from handgrad.runtime.errors import SetupError, check_precision, check_sizes_fit_data
+from handgrad.core.grid import GridMLP, GridSGD, _stacked_sgd, grid_backward
+from handgrad.core.losses import cross_entropy
+from handgrad.core.mlp import MLP
+from handgrad.sweep.search import HPARAMS, expand_grid
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+STEPS = ("train_step", "val_epoch", "val_step")  # when each row of the metrics was recorded
+
+
+class FusedStep:
+    """The whole training step of a :class:`GridClassifier` (forward, losses, failure mask, backward, SGD update,
+    metric sums) as one function of (x, y) made of tensor operations only, run either
+
+    - ``"inductor"``: through ``torch.compile`` (fused kernels; C++ on a CPU, Triton on a GPU), one compiled
+      graph per batch shape (the last, shorter batch of an epoch gets its own);
+    - ``"cuda_graph"``: recorded once per batch shape as a CUDA graph and replayed (one launch per step
+      instead of ~100 kernel launches); the batch is copied into the graph's static input tensors first.
+      The first step of each shape runs eagerly on a side stream (the usual warm-up), the second is
+      recorded and replayed, later ones are replayed.
+
+    It is valid only while every tensor it touches keeps its address: parameters, gradients, momentum buffers,
+    work tensors, ``alive``/``failed_epoch`` and the metric sums are all updated in place (and the gradients are
+    kept through validation, see ``GridClassifier.on_validation_model_zero_grad``); every step checks those
+    addresses (a few dozen pointer reads) and rebuilds the plan, dropping the graphs, when one has moved.
+    """
+
+    def __init__(self, model: "GridClassifier", mode: str):
+        self.model, self.mode = model, mode
+        self.plan: Optional[list] = None  # per param group: (params, bufs, scratch, hp tensors, any_nesterov)
+        self._addresses: list = []  # where every tensor the step touches was when the plan was made
+        self.compiled = None
+        self.graphs: dict = {}  # batch shape -> (graph, static x, static y) or the count of warm-up steps done
+        self.steps = 0  # steps run by this object (the others were eager)
+
+    def _current_plan(self, opt: GridSGD) -> list:
+        """The optimizer's tensors, gathered once (the compiled function and the graphs see plain lists); gathered
+        again, and the graphs dropped, when any tensor the step touches has moved (a checkpoint loaded into the
+        optimizer, the model moved to another device and back between two fits, ...)."""
+        plan = [([p for p in g["params"]], [opt.state[p]["momentum_buffer"] for p in g["params"]],
+                 [opt._work_tensor(p) for p in g["params"]], opt._member_tensors(g, g["params"][0]),
+                 any(g["nesterov"])) for g in opt.param_groups]
+        m = self.model
+        tensors = [t for params, bufs, scratch, hp, _ in plan for t in (*params, *bufs, *scratch, *hp.values())]
+        tensors += [p.grad for params, *_ in plan for p in params]
+        tensors += [*m.buffers(), *m._sums["train"]]
+        addresses = [(t.device, t.data_ptr()) for t in tensors]
+        if addresses != self._addresses:
+            self.plan, self._addresses = plan, addresses
+            self.compiled, self.graphs = None, {}
+        return self.plan
+
+    def _step(self, x: Tensor, y: Tensor) -> None:
+        m = self.model
+        with torch.no_grad():
+            m._train_math(x, y)
+            for params, bufs, scratch, hp, any_nesterov in self.plan:
+                _stacked_sgd(params, bufs, scratch, hp, alive=m.alive, first=[False] * len(params),
+                             any_nesterov=any_nesterov)
+
+    def runner(self, opt: GridSGD, x: Tensor, y: Tensor):
+        """A callable doing this step (for ``GridSGD.step(run=...)``), or None: take an eager step instead
+        (the first step creates the momentum buffers, so it is always eager)."""
+        if not opt.state or any(p.grad is None for g in opt.param_groups for p in g["params"]):
+            return None
+        self._current_plan(opt)
+        self.steps += 1
+        if self.mode == "inductor":
+            if self.compiled is None:
+                self.compiled = torch.compile(self._step, dynamic=False)
+            return lambda: self.compiled(x, y)
+        key = (tuple(x.shape), tuple(y.shape), x.dtype, y.dtype)
+        entry = self.graphs.get(key, 0)
+        if entry == 0:  # warm-up: a real (eager) step on a side stream, as CUDA graph capture wants
+            self.graphs[key] = 1
+            return lambda: self._on_side_stream(x, y)
+        if entry == 1:
+            self.graphs[key] = entry = self._capture(x, y)
+        graph, static_x, static_y = entry
+
+        def replay():
+            static_x.copy_(x)
+            static_y.copy_(y)
+            graph.replay()
+
+        return replay
+
+    def _on_side_stream(self, x: Tensor, y: Tensor) -> None:
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            self._step(x, y)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+
+    def _capture(self, x: Tensor, y: Tensor):
+        """Record the step into a CUDA graph (nothing runs while recording) for this batch shape."""
+        static_x, static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(static_x, static_y)
+        return graph, static_x, static_y
+
+
+COMPILE_MODES = ("inductor", "cuda_graph")
+
+
+def initial_mlp(sizes: Sequence[int], activation: str, seed: Optional[int]) -> MLP:
+    """``MLP(sizes, activation)`` built right after ``torch.manual_seed(seed)``, leaving the global random state as
+    it was (``seed`` None: from the current global state): the weights a seeded HandgradClassifier starts from."""
+    if seed is None:
+        return MLP(sizes, activation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MLP(sizes, activation)
+
+
+@torch.no_grad()
+def keep_best(best: Optional[list[Tensor]], params: list[Tensor], score: list[tuple], loss: list[float],
+              acc: list[float]) -> list[Tensor]:
+    """Copy into ``best`` (one (K, ...) tensor per parameter, made at the first call) the slices of the members whose
+    val accuracy beats their best so far (ties: a lower val loss); ``score[k]`` is member k's best (acc, loss)."""
+    if best is None:
+        best = [p.detach().clone() for p in params]
+    better = [k for k, (a, l, (ba, bl)) in enumerate(zip(acc, loss, score))
+              if math.isfinite(a) and (a > ba or (a == ba and l < bl))]
+    for k in better:
+        score[k] = (acc[k], loss[k])
+    if better:
+        idx = torch.tensor(better, device=best[0].device)
+        for b, p in zip(best, params):
+            b.index_copy_(0, idx, p.detach().index_select(0, idx))
+    return best
+
+
+class GridClassifier(L.LightningModule):
+    """K classifiers ``MLP(sizes, activation)``, one per grid member, trained together with the
+    hand-written batched backward (:func:`grid_backward`) and SGD step (:class:`GridSGD`).
+
+    Args:
+        grid: lists per hyperparameter (cartesian product), e.g. ``{lr: [0.01], momentum: [0, 0.9]}``.
+        members: or an explicit list of members, e.g. ``[{lr: 0.01, momentum: 0.9, weight_decay: 0.001}]``.
+            Keys: lr, momentum, dampening, weight_decay, nesterov (defaults as torch.optim.SGD), and ``seed``
+            (this member's initial weights; default ``init_seed``). See :mod:`handgrad.sweep.search`.
+        sizes: layer widths [n_0, ..., n_L] (n_0 = 3072 for CIFAR, n_L = number of classes).
+        activation: hidden activation (see :mod:`handgrad.core.activations`); the output is linear.
+        init_seed: the initial weights are those of ``MLP(sizes, activation)`` built right after
+            ``torch.manual_seed(init_seed)`` (the global random state is left as it was), copied into
+            every member: each member starts where :class:`handgrad.train.module.HandgradClassifier` starts
+            when seeded with the same value. ``None``: build that MLP from the current global state.
+        compile: None (eager), ``"inductor"`` (the whole training step through ``torch.compile``) or
+            ``"cuda_graph"`` (the whole training step recorded as a CUDA graph and replayed; CUDA only).
+            See :class:`FusedStep`. The numbers are those of the eager step up to floating-point rounding.
+        keep_best: also keep each member's weights of its best validation (highest val accuracy, ties: lower
+            val loss, then the earlier one) in ``best_weights`` (the sweep's ``--select best_epoch``).
+
+    Per-member metrics are summed on the device as (K,) tensors and read once per epoch into
+    ``self.history[name]`` (one list of K floats per epoch): train_loss, train_acc (means over the
+    epoch's training batches, as they were trained), and per validation val_loss, val_acc;
+    ``self.history_steps`` says when each row was recorded: ``train_step`` (the global step at the end of each
+    training epoch), ``val_epoch`` and ``val_step`` (of each validation: it need not run every epoch).
+    A member whose training loss is not finite is marked failed (``alive[k] = False``, ``failed_epoch[k]`` =
+    its epoch) and frozen; the others go on. Before ``trainer.test`` set ``test_member``: only that member is
+    evaluated, its numbers land in ``test_result``.
+
+    A training step reads nothing back from the device (no ``.item()``, no Python ``if`` on a tensor): on a GPU
+    the host queues the steps ahead of the device, and synchronises once per epoch to read the metrics.
+    """
+
+    def __init__(self, grid: Optional[dict] = None, members: Optional[list[dict]] = None,
+                 sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: str = "relu",
+                 init_seed: Optional[int] = 265, compile: Optional[Literal["inductor", "cuda_graph"]] = None,
+                 keep_best: bool = False):
+        super().__init__()
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: use null (eager), 'inductor' (torch.compile) or 'cuda_graph'")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.members = expand_grid(grid, members)
+        self.K = len(self.members)
+        self.sizes = [int(n) for n in sizes]
+        self.net = GridMLP(self.sizes, self.K, activation)
+        for seed in dict.fromkeys(m.get("seed", init_seed) for m in self.members):  # each initial MLP once
+            ks = [k for k, m in enumerate(self.members) if m.get("seed", init_seed) == seed]
+            self.net.load_mlp(initial_mlp(self.sizes, activation, seed), ks)
+        self.register_buffer("alive", torch.ones(self.K, dtype=torch.bool))
+        self.register_buffer("failed_epoch", torch.full((self.K,), -1, dtype=torch.long))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long), persistent=False)  # on the device
+        self.history: dict[str, list[list[float]]] = {k: [] for k in METRICS}
+        self.history_steps: dict[str, list[int]] = {k: [] for k in STEPS}
+        self.best_weights: Optional[list[Tensor]] = None  # with keep_best: one (K, ...) copy per parameter
+        self._best_score = [(-math.inf, math.inf)] * self.K  # (val acc, val loss) of each member's best validation
+        self.test_member: Optional[int] = None
+        self.test_result: dict[str, float] = {}
+        self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # stage -> (sum of N * loss_k, correct_k), in place
+        self._counts: dict[str, int] = {}  # stage -> samples seen (on the host)
+        self.fused = FusedStep(self, compile) if compile else None
+
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
+        if self.trainer.precision == "64-true":
+            # Lightning restores checkpoint weights before its precision plugin converts the module: without this,
+            # a float64 checkpoint would be copied into float32 parameters (rounded) and only then widened again.
+            self.to(torch.float64)
+        check_sizes_fit_data(self.sizes, getattr(self.trainer, "datamodule", None))
+        if self.trainer.world_size > 1 or not isinstance(self.trainer.strategy, SingleDeviceStrategy):
+            # the batched backward runs without autograd, so DDP's gradient hooks would never average anything:
+            # every process would train its own replica on its own shard
+            raise SetupError(f"GridClassifier trains on one device (got strategy "
+                             f"{type(self.trainer.strategy).__name__} with {self.trainer.world_size} processes); "
+                             f"to use several devices run `python train.py sweep --trainer.devices N`, which gives "
+                             f"each process its own share of the members")
+        if self.hparams.compile == "cuda_graph" and self.trainer.strategy.root_device.type != "cuda":
+            raise SetupError("compile='cuda_graph' records the training step as a CUDA graph and needs a CUDA "
+                             "device (--trainer.accelerator gpu); on a CPU use compile='inductor' or null")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self):
+        return GridSGD(self.net.parameters(), **{k: [m[k] for m in self.members] for k in HPARAMS})
+
+    # ---------------------------------------------------------------- per-member metrics, on the device
+
+    def _reset(self, stage: str) -> None:
+        """Zero the stage's sums in place (allocated once: a captured step keeps writing into the same tensors)."""
+        w = self.net.fc["1"].weight
+        sums = self._sums.get(stage)
+        if sums is None or sums[0].device != w.device or sums[0].dtype != w.dtype:
+            self._sums[stage] = (w.new_zeros(self.K), torch.zeros(self.K, dtype=torch.long, device=w.device))
+        else:
+            sums[0].zero_()
+            sums[1].zero_()
+        self._counts[stage] = 0
+
+    def _accumulate(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Add N * loss_k and the number of correct predictions of each member to the (K,) sums, in place."""
+        loss_sum, correct = self._sums[stage]
+        loss_sum.add_(loss * y.shape[0])
+        correct.add_((logits.argmax(-1) == y).sum(-1))
+
+    def _read(self, stage: str, alive: Tensor) -> tuple[list[float], list[float]]:
+        """Epoch means (loss, accuracy) per member, NaN where not ``alive``: a few host reads per epoch.
+        The accuracy is correct / N in Python floats (exact counts, no float32 rounding)."""
+        n = self._counts.pop(stage)
+        loss_sum, correct = self._sums[stage]
+        ok, loss_sum, correct = alive.tolist(), loss_sum.tolist(), correct.tolist()
+        loss = [s / n if a else math.nan for a, s in zip(ok, loss_sum)]
+        acc = [c / n if a else math.nan for a, c in zip(ok, correct)]
+        return loss, acc
+
+    # ---------------------------------------------------------------- training
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch.fill_(self.current_epoch)
+        self._reset("train")
+
+    def _train_math(self, x: Tensor, y: Tensor) -> None:
+        """Forward, per-member losses, failure mask, backward and metric sums: device work only, no host reads."""
+        logits = self.net(x)
+        loss, g = cross_entropy(logits, y)
+        newly_failed = self.alive & ~torch.isfinite(loss)
+        self.failed_epoch.copy_(torch.where(newly_failed, self.epoch, self.failed_epoch))
+        self.alive.logical_and_(~newly_failed)
+        grid_backward(self.net, g)
+        self._accumulate("train", loss, logits, y)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        if y.shape[0] == 0:  # its mean loss would be 0/0 = NaN and mark every member as diverged
+            raise ValueError(f"training batch {batch_idx} is empty: the data loader must not yield empty batches")
+        opt = self.optimizers()  # stepped through Lightning: it counts the step and feeds checkpoints
+        if "train" not in self._counts:  # resumed mid-epoch: Lightning calls no on_train_epoch_start then
+            self.on_train_epoch_start()
+        self._counts["train"] += y.shape[0]
+        run = self.fused.runner(opt.optimizer, x, y) if self.fused is not None else None
+        if run is not None:
+            opt.step(run=run)
+            return
+        with torch.no_grad():  # no graph: the gradients come from the cached activations
+            self._train_math(x, y)
+            opt.step(alive=self.alive)
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Keep the gradient tensors through validation (Lightning would release them): every step overwrites
+        them in place, and a fused step holds their addresses."""
+
+    def on_train_epoch_end(self) -> None:
+        if not self._counts.get("train"):
+            return
+        loss, acc = self._read("train", self.alive)
+        self.history["train_loss"].append(loss)
+        self.history["train_acc"].append(acc)
+        self.history_steps["train_step"].append(self.global_step)
+
+    # ---------------------------------------------------------------- validation and test
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self._accumulate("val", cross_entropy(logits, y)[0], logits, y)
+        self._counts["val"] += y.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._counts.get("val"):
+            return
+        loss, acc = self._read("val", self.alive)
+        if self.trainer.sanity_checking:
+            return
+        self.history["val_loss"].append(loss)
+        self.history["val_acc"].append(acc)
+        self.history_steps["val_epoch"].append(self.current_epoch)
+        self.history_steps["val_step"].append(self.global_step)
+        if self.hparams.keep_best:
+            self.best_weights = keep_best(self.best_weights, list(self.net.parameters()), self._best_score, loss, acc)
+        finite = [a for a in acc if math.isfinite(a)]
+        # sync_dist: the identity on the one-device strategy the grid trains on; it keeps Lightning from warning
+        # when the sweep's ranks share a process group (each rank's grid holds other members: nothing to reduce)
+        self.log_dict({"grid/members_alive": float(len(finite)),
+                       "grid/best_val_acc": max(finite) if finite else math.nan}, prog_bar=True, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        if self.test_member is None or not 0 <= self.test_member < self.K:
+            raise RuntimeError(f"set model.test_member to the selected member (0..{self.K - 1}) before "
+                               "trainer.test: only that member is evaluated on the test set")
+        self._reset("test")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x, member=self.test_member)
+        self._accumulate("test", cross_entropy(logits, y)[0], logits, y)
+        self._counts["test"] += y.shape[0]
+
+    def on_test_epoch_end(self) -> None:
+        k = self.test_member
+        loss, acc = self._read("test", self.alive[k:k + 1])
+        self.test_result = {"test_loss": loss[0], "test_acc": acc[0]}
+        self.log_dict({"test/loss": loss[0], "test/acc": acc[0]})
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grid_history"] = {**self.history, **self.history_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("grid_history", {})
+        self.history = {k: saved.get(k, []) for k in METRICS}
+        self.history_steps = {k: saved.get(k, []) for k in STEPS}

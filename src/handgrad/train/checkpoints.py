@@ -1,0 +1,318 @@
+"""Checkpoints: written atomically, checked before they are used, and built for a sweep's selected member.
+
+Writing. Lightning's TorchCheckpointIO (2.6) serializes to memory and writes through an fsspec transaction whose
+temporary file lives in the system temp folder: when that is another file system than the checkpoint's, the
+"commit" is a copy onto the final name, and a kill during it leaves a truncated last.ckpt. :class:`AtomicCheckpointIO`
+writes a temporary file beside the target, fsyncs it and renames it over the target (os.replace), so a kill at any
+moment leaves either the old or the new checkpoint, never a mix.
+
+Checking. A checkpoint made for another architecture (sizes, activation) or, for ``fit --ckpt_path``, another run
+(other SGD settings or another data order) is refused with the flags that fit it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from handgrad.runtime import locks as folder_lock
+from handgrad.compat import CHECKPOINT_IO_TAKES_WEIGHTS_ONLY
+from handgrad.runtime.errors import CheckpointError, OutputDirError
+
+ARCHITECTURE = ("sizes", "activation")  # the hyperparameters a checkpoint's weights depend on
+RESUMED_MODEL = ("loss", "lr", "momentum", "dampening", "weight_decay", "nesterov", "backprop", "optimizer")
+RESUMED_DATA = ("classes", "val_fraction", "split_seed", "batch_size", "shuffle")  # they fix every batch
+SELECTED_CKPT = "selected.ckpt"  # a sweep's selected member as a HandgradClassifier checkpoint, in its log directory
+WHERE = "lightning_logs/version_N/checkpoints/last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, fsync, then os.replace over the target; loading
+    errors name the file and say what to do. Remote paths (s3://, ...) keep Lightning's behaviour."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{path.name}."
+        _remove_dead_writers_files(path.parent, prefix)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes 0600)
+            os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if is_disk_full(err):
+                raise disk_full_error(path.parent, f"writing checkpoint {path.name}") from None
+            raise
+        _fsync_dir(path.parent)
+        AtomicCheckpointIO.last_written = path
+
+    last_written: Optional[Path] = None  # the checkpoint this process wrote last (the last good one)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            if _is_local(path):  # torch's safe loader unless weights_only=False is asked for, on every Lightning
+                with open(path, "rb") as f:  # release (before 2.6 its TorchCheckpointIO takes no weights_only)
+                    return torch.load(f, weights_only=weights_only is not False, **kwargs)
+            if CHECKPOINT_IO_TAKES_WEIGHTS_ONLY:
+                kwargs["weights_only"] = weights_only
+            return super().load_checkpoint(path, **kwargs)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. {WHERE}).") from None
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            if "weights_only" in str(e) or "Weights only" in str(e):  # an object torch's safe loader refuses
+                raise CheckpointError(f"checkpoint {path} is not a handgrad checkpoint: it holds objects that are not "
+                                      f"allowed in one (only tensors and plain values are); it was not loaded. Use "
+                                      f"a checkpoint written by handgrad.") from None
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it is truncated or corrupt. Resume "
+                f"from another checkpoint (e.g. a best-*.ckpt beside it) or start without --ckpt_path.") from None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` comes from a full disk (or quota): an OSError ENOSPC/EDQUOT in it or in what it was raised
+    while handling, e.g. torch.save's ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``,
+    raised while the file object's OSError(ENOSPC) is handled."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if folder_lock.is_disk_full(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_error(folder: Optional[Path], doing: str) -> OutputDirError:
+    """'the disk holding <folder> is full ... while <doing>; the last good checkpoint is ...': what the run
+    keeps (every checkpoint is written atomically, so those on disk are whole) and how to go on."""
+    last = AtomicCheckpointIO.last_written
+    if (last is None or not last.is_file()) and folder is not None and Path(folder).is_dir():
+        saved = sorted(Path(folder).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        last = saved[-1] if saved else None
+    keep = (f"the last good checkpoint is {last} (the checkpoints on disk are intact); free some space, then resume "
+            f"with --ckpt_path {last}") if last else \
+        "no checkpoint of this run was written; free some space and start again"
+    full = folder_lock.disk_full(Path(folder), doing, None) if folder is not None else \
+        f"the disk is full (No space left on device) while {doing}"
+    return OutputDirError(f"{full}; {keep} (or write elsewhere with --trainer.default_root_dir DIR).")
+
+
+def _remove_dead_writers_files(folder: Path, prefix: str) -> None:
+    """Remove ``<prefix><pid>.*.tmp`` files of writers that no longer run (killed while writing); a live
+    process's temporary file is left alone."""
+    for stale in folder.glob(f"{prefix}*.tmp"):
+        pid = stale.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and folder_lock.is_running(int(pid)):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+
+def _is_local(path) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class StoppedMidEpoch(Callback):
+    """A run stopped inside an epoch (``--trainer.max_steps`` reached, or ``trainer.should_stop``) resumes that
+    epoch where it stopped, as after a kill, instead of going on with the next one.
+
+    Lightning ends the epoch loop when it stops early, so the checkpoints written then (in ``on_train_epoch_end``:
+    last.ckpt) record the epoch as processed, and a resume starts the next epoch: the rest of the stopped one is
+    skipped (10 of 32 batches done, resumed with max_epochs 2: 42 steps instead of 64). Not documented by Lightning,
+    so treated as a defect here. This hook writes the loop state a step checkpoint of the same batch has (written in
+    ``on_train_batch_end``: epoch not processed, the batch not completed, one batch fewer counted for the loggers);
+    the sampler's position (``TensorBatches.state_dict``) already says how many batches were used. The keys are
+    Lightning 2.6's loop state (``_FitLoop`` / ``_TrainingEpochLoop.state_dict``): tests/test_faults.py checks that
+    such a resume equals an uninterrupted run, and fails if they change."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        fit = trainer.fit_loop
+        epochs, batches = fit.epoch_progress.total, fit.epoch_loop.batch_progress
+        in_epoch_end = trainer.training and epochs.processed == epochs.started == epochs.completed + 1
+        if not in_epoch_end or batches.is_last_batch or batches.current.completed >= trainer.num_training_batches:
+            return
+        loops = checkpoint["loops"]["fit_loop"]
+        for part in ("total", "current"):
+            loops["epoch_progress"][part]["processed"] -= 1
+            loops["epoch_loop.batch_progress"][part]["completed"] -= 1
+        loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def load_for_checks(path) -> dict:
+    """The checkpoint at ``path`` on the CPU, safely (tensors and plain values only), or a clear CheckpointError."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. {WHERE}).")
+    return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+def plain(v):
+    """YAML lists and tuples compare equal; ints in a sizes list stay ints."""
+    return [int(x) if isinstance(x, int) else x for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_architecture(checkpoint: dict, asked: dict, path=None) -> None:
+    """Raise :class:`CheckpointError` when a handgrad checkpoint was trained with another value of a key of
+    ``asked`` (sizes, activation): say what it was trained with, what was asked for, and the flags that fit it."""
+    theirs = checkpoint.get("hyper_parameters", {})
+    if "sizes" not in theirs:  # not a handgrad checkpoint: the state-dict shapes will tell
+        return
+    arch = {"sizes": plain(theirs["sizes"]), "activation": theirs.get("activation", "relu")}
+    differ = [k for k in asked if plain(asked[k]) != arch[k]]
+    if not differ:
+        return
+    shown = {**arch, **{k: plain(v) for k, v in asked.items()}}
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    fix = " ".join(f"--model.{k} '{arch[k]}'" for k in differ)
+    raise CheckpointError(f"{where} was trained with sizes {arch['sizes']} and activation {arch['activation']!r}, "
+                          f"this model has sizes {shown['sizes']} and activation {shown['activation']!r}; pass {fix} "
+                          f"to use it (or leave out --ckpt_path to start anew).")
+
+
+def check_state_dict_fits(checkpoint: dict, model, path=None) -> None:
+    """The checkpoint's architecture and tensor shapes against ``model`` (a HandgradClassifier): Lightning would
+    fail on the first tensor whose shape differs, or silently load weights trained with another activation."""
+    check_architecture(checkpoint, {"sizes": model.mlp.n_l, "activation": model.hparams.activation}, path)
+    state = checkpoint.get("state_dict", {})
+    if bad := [f"{k}: {tuple(state[k].shape) if k in state else 'missing'} there, {tuple(v.shape)} here"
+               for k, v in model.state_dict().items() if k not in state or state[k].shape != v.shape]:
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        raise CheckpointError(f"{where} does not fit this model ({'; '.join(bad[:4])}); "
+                              f"is it a handgrad checkpoint of the same --model.sizes?")
+
+
+def check_resume(checkpoint: dict, config, path) -> None:
+    """`fit --ckpt_path` continues the checkpoint's run batch for batch: refuse options that differ from the run's
+    own training settings (LightningCLI would silently replace the model's by the checkpoint's and keep the data's,
+    so the run would go on with other batches than it started with), naming the flags that fit the checkpoint."""
+    differ = []  # (flag, the checkpoint's value, the options' value)
+    for section, keys, saved in (("model", RESUMED_MODEL, checkpoint.get("hyper_parameters", {})),
+                                 ("data", RESUMED_DATA, checkpoint.get("datamodule_hyper_parameters", {}))):
+        for key in keys:
+            if key in saved and plain(saved[key]) != plain(config[section][key]):
+                differ.append((f"--{section}.{key}", plain(saved[key]), plain(config[section][key])))
+    if differ:
+        asked = ", ".join(f"{flag} {value}" for flag, _, value in differ)
+        value = lambda v: repr(yaml.safe_dump(v, default_flow_style=True).strip()) if isinstance(v, list) else v  # noqa: E731
+        fix = " ".join(f"{flag} {value(saved)}" for flag, saved, _ in differ)
+        raise CheckpointError(f"checkpoint {path} was trained with other settings than these options give ({asked}); "
+                              f"resuming continues that run batch for batch, so pass {fix} (or leave out --ckpt_path "
+                              f"to start a new run)")
+
+
+def checkpoint_statistics(checkpoint: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The training split's (mean, std) a checkpoint holds (:mod:`handgrad.data.normalization`), or None for one written
+    before handgrad stored them."""
+    state = checkpoint.get("state_dict", {})
+    mean, std = state.get("input_mean"), state.get("input_std")
+    if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()
+                                               and (std > 0).all()):
+        return None
+    return mean, std
+
+
+def evaluation_data_options(checkpoint: dict, config, typed_data: dict, path) -> None:
+    """validate/test/predict --ckpt_path evaluate the checkpoint's task: the data options the user did not type
+    (``typed_data``: the typed ``data`` section) are taken from the checkpoint (its class names, in their order,
+    and its train/val split: val_fraction, split_seed); typed classes other than the checkpoint's are refused
+    (another class set would give its outputs other names, silently)."""
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    classes = checkpoint.get("hyper_parameters", {}).get("class_names") or data.get("classes")
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        asked = config.data.classes
+        asked = [asked] if isinstance(asked, str) else [str(c) for c in asked]
+        if "classes" not in typed_data:
+            config.data.classes = classes
+        elif asked != classes:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on the classes {classes} (outputs 0..{len(classes) - 1} in this "
+                f"order), the options select {asked}; leave --data.classes out (the checkpoint's are then used) or "
+                f"pass --data.classes '[{', '.join(classes)}]'")
+    for key in ("val_fraction", "split_seed"):
+        if key in data and key not in typed_data:
+            config.data[key] = data[key]
+
+
+# ----------------------------------------------------------------------------- a sweep member as a checkpoint
+
+
+def selected_checkpoint(mlp, member: dict, activation: str, epoch: int, global_step: int,
+                        data_hparams: dict, sweep_info: dict, input_mean: Optional[torch.Tensor] = None,
+                        input_std: Optional[torch.Tensor] = None, class_names: Optional[list] = None) -> dict:
+    """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
+    :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
+    so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
+    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory).
+
+    The input contract (:mod:`handgrad.data.normalization`): ``input_mean``, ``input_std``, the training split's statistics
+    the sweep's data module normalized with (``datamodule.mean``, ``.std``), and ``class_names`` (default:
+    ``data_hparams["classes"]``). Without the statistics the checkpoint is evaluated as an old one (recomputed)."""
+    import lightning as L
+
+    from handgrad.sweep.search import HPARAMS
+    from handgrad.train.module import HandgradClassifier
+
+    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
+        names = class_names if class_names is not None else data_hparams.get("classes")
+        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS},
+                                   class_names=None if names is None else [str(c) for c in names])
+    model.mlp.to(mlp.fc["1"].weight.dtype)
+    model.mlp.load_state_dict(mlp.state_dict())
+    if input_mean is not None and input_std is not None:  # float64, whatever the weights' dtype
+        model.input_mean = torch.as_tensor(input_mean, dtype=torch.float64).detach().cpu().clone()
+        model.input_std = torch.as_tensor(input_std, dtype=torch.float64).detach().cpu().clone()
+    return {
+        "epoch": epoch,
+        "global_step": global_step,
+        "pytorch-lightning_version": L.__version__,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "hparams_name": "kwargs",
+        "hyper_parameters": dict(model.hparams),
+        "datamodule_hparams_name": "kwargs",
+        "datamodule_hyper_parameters": {k: v for k, v in data_hparams.items() if k != "_instantiator"},
+        "handgrad_sweep": sweep_info,
+    }
+
+
+def save_selected(log_dir: Path, checkpoint: dict) -> Path:
+    """Write the checkpoint to ``log_dir/selected.ckpt`` atomically (as the training checkpoints are written)."""
+    path = Path(log_dir) / SELECTED_CKPT
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    return path
