@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import sys
-import types
+import handgrad.cli
 from pathlib import Path
 
 import pytest
@@ -240,9 +240,7 @@ def test_default_config_is_the_reference_job(capsys):
 
 def test_sweep_is_dispatched(monkeypatch):
     calls = []
-    fake = types.ModuleType("handgrad.sweep.run")
-    fake.main = lambda argv: calls.append(argv) or "swept"
-    monkeypatch.setitem(sys.modules, "handgrad.sweep.run", fake)
+    monkeypatch.setitem(handgrad.cli.COMMANDS, "sweep", lambda argv: calls.append(argv) or "swept")
     assert train.main(["sweep", "--config", "x.yaml", "--lr", "0.1"]) == "swept"
     assert calls == [["--config", "x.yaml", "--lr", "0.1"]]
 
@@ -290,7 +288,7 @@ def test_default_root_dir_holds_the_logs_and_checkpoints(cli_args, tmp_path, cap
 
 
 def test_silenced_lightning_notices_still_exist_upstream():
-    """train.py silences a few Lightning notices by their text (handgrad.train.cli.QUIET_WARNINGS, QUIET_LOG_LINES): the
+    """train.py silences a few Lightning notices by their text (handgrad.runtime.exits.QUIET_WARNINGS, QUIET_LOG_LINES): the
     only handle Python's filters give. If Lightning changes a text, the filter silently stops working: fail here."""
     import lightning
 
@@ -298,7 +296,7 @@ def test_silenced_lightning_notices_still_exist_upstream():
                   if line.startswith("lightning=="))
     if lightning.__version__ != pinned:  # an older Lightning may not have a notice at all: nothing to silence there
         pytest.skip(f"the silenced texts are checked against the pinned Lightning {pinned} (constraints.txt)")
-    cli = sys.modules["handgrad.train.cli"]
+    cli = sys.modules["handgrad.runtime.exits"]
     sources = "".join(p.read_text(errors="ignore") for p in Path(lightning.__file__).parent.rglob("*.py"))
     import torch.utils._pytree as pytree  # (the LeafSpec notice is torch's, raised through Lightning)
 

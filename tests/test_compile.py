@@ -16,7 +16,8 @@ import lightning as L
 import pytest
 import torch
 
-from handgrad.sweep.module import FusedStep, GridClassifier
+from handgrad.sweep.fused import FusedStep
+from handgrad.sweep.module import GridClassifier
 from test_grid import MEMBERS, SEED, SIZES, TensorData
 
 # the first four kinds of members, and one whose lr makes it overflow float64 in its second step: the

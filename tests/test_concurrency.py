@@ -100,7 +100,7 @@ def test_two_resumes_of_one_checkpoint_at_once(data_dir, tmp_path, monkeypatch):
 
 def test_a_held_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
     root = tmp_path / "lightning_logs"
-    version, fd = run_folder.claim(root, None, lambda: 0)
+    version, fd = run_folder.claim(root, None)
     assert version == 0 and (root / "version_0" / ".handgrad-lock").read_text().split()[0] == str(os.getpid())
     run_folder.release(fd)
     assert not (root / "version_0" / ".handgrad-lock").exists()
@@ -113,16 +113,16 @@ def test_a_held_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_pat
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(OutputDirError, match=f"version_0 is in use by process {holder.pid} on vm "):
-            run_folder.claim(root, "version_0", None)
+            run_folder.claim(root, "version_0")
     finally:
         holder.kill()  # SIGKILL: its lock file stays, with its PID
         holder.wait()
     assert (root / "version_0" / ".handgrad-lock").read_text().split()[0] == str(holder.pid)
-    version, fd = run_folder.claim(root, "version_0", None)  # a dead process's lock is taken over
+    version, fd = run_folder.claim(root, "version_0")  # a dead process's lock is taken over
     assert (root / "version_0" / ".handgrad-lock").read_text().split()[0] == str(os.getpid())
     run_folder.release(fd)
     # a new run never takes an existing folder
-    version, fd = run_folder.claim(root, None, lambda: 0)
+    version, fd = run_folder.claim(root, None)
     assert version == 1
     run_folder.release(fd)
 

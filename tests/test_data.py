@@ -25,8 +25,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from conftest import CIFAR10_CLASSES, write_image_folder
 from handgrad.data import cifar_fetch
 from handgrad.data import cifar_io
-from handgrad.data.datamodule import (BadDataError, CIFAR10DataModule, DataNotFoundError, TensorBatches, channel_stats,
-                           stratified_split)
+from handgrad.runtime import atomic
+from handgrad.data.datamodule import CIFAR10DataModule, TensorBatches, stratified_split
+from handgrad.data.normalization import channel_stats
+from handgrad.runtime.errors import BadDataError, DataNotFoundError
+from handgrad.train.callbacks import DataSamples
 
 TRAINER_KW = dict(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                   num_sanity_val_steps=0, accelerator="cpu", devices=1)
@@ -411,7 +414,7 @@ def test_cache_is_used_invalidated_and_optional(image_folder, monkeypatch):
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
-    monkeypatch.setattr(cifar_io.folder_lock.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
     shutil.rmtree(root / ".handgrad_cache")
     with pytest.warns(UserWarning, match="continuing without it"):
         assert torch.equal(ready(root).train_x, first.train_x)
@@ -570,7 +573,8 @@ def test_look_at_the_data_tensorboard_and_print(image_folder, tmp_path, caplog):
     dm = CIFAR10DataModule(str(root), classes=("cat", "dog", "ship"), download=False)
     logger = TensorBoardLogger(tmp_path / "tb", name="", version=0)
     with caplog.at_level(logging.INFO):
-        L.Trainer(max_steps=1, limit_val_batches=0, **{**TRAINER_KW, "logger": logger}).fit(Recorder(), dm)
+        L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[DataSamples()],  # (HandgradClassifier adds it itself)
+                  **{**TRAINER_KW, "logger": logger}).fit(Recorder(), dm)
     assert dm.class_counts == {"train": [16, 16, 16], "val": [4, 4, 4], "test": [6, 6, 6]}
     assert "| train | 16 | 16 | 16 | 48 |" in caplog.text and "| test | 6 | 6 | 6 | 18 |" in caplog.text
     logger.experiment.flush()

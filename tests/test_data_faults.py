@@ -22,8 +22,10 @@ import torch
 from conftest import write_image_folder
 from handgrad.data import cifar_fetch
 from handgrad.data import cifar_io
-from handgrad.runtime import locks as folder_lock
-from handgrad.data.datamodule import CIFAR10DataModule, DataNotFoundError
+from handgrad.runtime import disk as disk_space
+from handgrad.runtime import locks
+from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.runtime.errors import DataNotFoundError
 from test_data import write_pickle_batches
 
 CLASSES = ("airplane", "bird")
@@ -192,13 +194,13 @@ def test_debris_of_killed_writers_is_removed_and_only_theirs(tmp_path, caplog):
         for p in procs.values():
             p.send_signal(signal.SIGKILL)
             p.wait()
-    host, me = folder_lock.HOST, os.getpid()
+    host, me = locks.HOST, os.getpid()
     (dead_dir,) = [p for p in a.iterdir() if p.name.startswith(".extract-")]
     (dead_tmp,) = (b / ".handgrad_cache").glob("*.tmp")
     assert dead_dir.name.startswith(f".extract-{host}-{procs[a].pid}-") and len(list(dead_dir.rglob("*.png"))) > 0
-    assert dead_tmp.name.startswith("cifar10-folder-v1-") and f"-{host}-{procs[b].pid}-" in dead_tmp.name
+    assert dead_tmp.name.startswith(".cifar10-folder-v1-") and f"-{host}-{procs[b].pid}-" in dead_tmp.name
     kept = [a / f".extract-{host}-{me}-live1234", a / f".extract-otherhost-{procs[a].pid}-abcd1234",
-            a / ".extract-k2j4h1x0", b / ".handgrad_cache" / f"cifar10-folder-v1-0.pt-{host}-{me}-live1234.tmp"]
+            a / ".extract-k2j4h1x0", b / ".handgrad_cache" / f".cifar10-folder-v1-0.pt-{host}-{me}-live1234.tmp"]
     for p in kept[:3]:
         p.mkdir()
     kept[3].write_bytes(b"being written")
@@ -248,7 +250,7 @@ def fill(disk: Path, leave: int) -> None:
 def assert_free_space(disk: Path, said_kb: int) -> None:
     """The free space a message gave equals what is free now, give or take the lock file's one 4 kB page (held
     while the message was made)."""
-    free = folder_lock.free_bytes(disk)
+    free = disk_space.free_bytes(disk)
     assert free - 4096 <= said_kb * 1000 + 500 and said_kb * 1000 - 500 <= free, (said_kb, free)
 
 
@@ -300,7 +302,7 @@ def test_extraction_on_a_full_disk_says_the_disk_is_full(tmp_path, small_disk):
     with pytest.raises(DataNotFoundError) as err:
         ready(disk)
     m = re.fullmatch(f"the disk holding {disk} is full \\(No space left on device\\) while extracting "
-                     f"{archive.name}: (\\d+) kB free, about {folder_lock.size_text(needed)} needed; free some space "
+                     f"{archive.name}: (\\d+) kB free, about {disk_space.size_text(needed)} needed; free some space "
                      f"there, or extract the archive on another disk and pass --data.data_dir pointing there.",
                      str(err.value))
     assert m, str(err.value)

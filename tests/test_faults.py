@@ -23,6 +23,7 @@ import torch
 
 from conftest import write_image_folder
 from handgrad.data import cifar_io
+from handgrad.runtime import locks
 from handgrad.train.checkpoints import AtomicCheckpointIO
 from handgrad.runtime.errors import CheckpointError, OutputDirError
 
@@ -208,13 +209,13 @@ def test_sigkill_while_writing_never_leaves_a_partial_checkpoint(tmp_path):
         finally:
             os._exit(0)
     deadline = time.monotonic() + 30
-    while not [p for p in tmp_path.glob(".last.ckpt.*.tmp") if p.stat().st_size > 0]:
+    while not [p for p in tmp_path.glob(".last.ckpt-*.tmp") if p.stat().st_size > 0]:
         assert time.monotonic() < deadline, "the child never started writing"
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     assert os.waitpid(pid, 0)[1] == signal.SIGKILL
     assert last.read_bytes() == before and io.load_checkpoint(last) == {"step": 1}
-    assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1  # the dead writer's partial file, beside it
+    assert len(list(tmp_path.glob(".last.ckpt-*.tmp"))) == 1  # the dead writer's partial file, beside it
     io.save_checkpoint({"step": 3}, last)
     assert io.load_checkpoint(last) == {"step": 3} and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
@@ -237,7 +238,7 @@ def run_cli(args, capsys) -> str:
     ("", ["--model.lrr", "0.1"],
      ("unrecognized arguments: --model.lrr 0.1", "Unrecognized arguments: --model.lrr 0.1")),
     # wrong types
-    ("model:\n  lr: fast\n", [], 'Parser key "model.lr":\n  Expected a <class \'float\'>. Got value: fast'),
+    ("model:\n  lr: fast\n", [], 'Parser key "model.lr": Expected a <class \'float\'>. Got value: fast'),
     ("", ["--data.batch_size", "2.5"], 'Parser key "data.batch_size"'),
     ("", ["--model.sizes", "3072"], 'Parser key "model.sizes"'),
     ("model:\n  lr: .nan\n", [], "--model.lr must be a finite number >= 0, got nan"),  # NaN
@@ -485,9 +486,9 @@ def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     last = tmp_path / "last.ckpt"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        theirs = tmp_path / f".last.ckpt.{live.pid}.abc123.tmp"
+        theirs = tmp_path / f".last.ckpt-{locks.HOST}-{live.pid}-abc123.tmp"
         theirs.write_bytes(b"half a checkpoint")
-        dead = tmp_path / ".last.ckpt.999999999.def456.tmp"  # no such process
+        dead = tmp_path / f".last.ckpt-{locks.HOST}-999999999-def456.tmp"  # no such process
         dead.write_bytes(b"left by a killed writer")
         io.save_checkpoint({"step": 1}, last)
         assert theirs.read_bytes() == b"half a checkpoint" and not dead.exists()

@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handgrad.core.grid import GridMLP, GridSGD, grid_backward
 from handgrad.sweep.module import GridClassifier
-from handgrad.sweep.search import HPARAMS, expand_grid, member_names, select_best
+from handgrad.core.optim import HYPERPARAMETERS
+from handgrad.sweep.search import expand_grid, member_names
+from handgrad.sweep.select import select_best
 from handgrad.core.activations import ACTIVATIONS
 from handgrad.core.losses import cross_entropy
 from handgrad.core.mlp import MLP
@@ -278,7 +280,7 @@ def test_member_extraction_and_shared_initialisation():
 def _sgd_pair(members, K, per_member=None):
     net, mlps = _grid_of_distinct_members(K)
     hp = {h: [m.get(h, {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}.get(h))
-              for m in members] for h in HPARAMS}
+              for m in members] for h in HYPERPARAMETERS}
     opt = GridSGD(net.parameters(), **hp, per_member=per_member)
     refs = [torch.optim.SGD(m.parameters(), **members[k]) for k, m in enumerate(mlps)]
     return net, mlps, opt, refs

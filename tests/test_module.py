@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from handgrad.train.callbacks import ClassMetrics
-from handgrad.train.module import HandgradClassifier, NonFiniteLossError, SetupError
+from handgrad.runtime.errors import NonFiniteLossError, SetupError
+from handgrad.train.module import HandgradClassifier
 
 SIZES = [3072, 16, 10]
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.transforms.v2.functional import resize
 
-from handgrad.train.checkpoints import selected_checkpoint
+from handgrad.sweep.selected import selected_checkpoint
 from handgrad.data.datamodule import CIFAR10DataModule
 from handgrad.runtime.errors import ConfigError
 from handgrad.core.mlp import MLP
@@ -239,32 +239,23 @@ def test_predict_with_no_readable_image_is_an_error(trained, tmp_path, capsys, w
     assert sorted((tmp_path / "lightning_logs").iterdir()) == runs
 
 
-def test_a_checkpoint_without_statistics_still_evaluates(trained, tmp_path, capsys):
+def test_a_checkpoint_without_statistics_is_refused(trained, tmp_path, capsys):
+    """A checkpoint without the training split's statistics (not written by this handgrad's fit) is refused with one
+    error line before anything is written: its inputs could not be normalized as in training."""
     root, _, cli, best, _ = trained
     old = torch.load(best, weights_only=True)
     for key in ("input_mean", "input_std"):
         del old["state_dict"][key]
-    del old["hyper_parameters"]["class_names"]
     torch.save(old, tmp_path / "old.ckpt")
-    test = train.main(["test", "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.data_dir", str(root), *QUIET])
-    captured = capsys.readouterr()
-    notice = [line for line in captured.err.splitlines() if "holds no input statistics" in line]
-    assert len(notice) == 1 and notice[0].startswith("notice: checkpoint ")
-    # recomputed from the same split (taken from the checkpoint's data options): the run's numbers
-    assert float(test.trainer.callback_metrics["test/acc"]) == float(cli.trainer.callback_metrics["test/acc"])
-    assert test.model.has_input_statistics() and torch.equal(test.model.input_mean, cli.datamodule.mean)
-    # its own images: the statistics are recomputed from the data options (the checkpoint's split), then used
-    write_own_images(tmp_path / "photos")
-    rows = {}
-    for name in ("old.ckpt", best):
-        pred = train.main(["predict", "--ckpt_path", str(tmp_path / name), "--predict.images", str(tmp_path / "photos"),
-                           "--data.data_dir", str(root), *QUIET])
-        rows[name] = csv_rows(Path(pred.trainer.log_dir) / "predictions.csv")
-    assert rows["old.ckpt"] == rows[best] and len(rows[best]) == 4
-    model = HandgradClassifier.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
-    assert not model.has_input_statistics()
-    with pytest.raises(Exception, match="holds no input statistics"):
-        model.classify(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    (tmp_path / "work").mkdir()
+    for command in (["test"], ["predict", "--predict.images", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*command, "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.data_dir", str(root), *QUIET,
+                        "--trainer.default_root_dir", str(tmp_path / "work")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: checkpoint {tmp_path / 'old.ckpt'} holds no input "
+                                                            f"statistics"), err
+        assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_selected_checkpoint_carries_the_statistics_and_class_names(tmp_path):
@@ -277,6 +268,3 @@ def test_selected_checkpoint_carries_the_statistics_and_class_names(tmp_path):
                                input_std=std, class_names=CLASSES)
     assert ckpt["hyper_parameters"]["class_names"] == CLASSES
     assert torch.equal(ckpt["state_dict"]["input_mean"], mean) and torch.equal(ckpt["state_dict"]["input_std"], std)
-    old_call = selected_checkpoint(mlp, member, "relu", 1, 4, {"classes": CLASSES}, {})  # the arguments it had
-    assert old_call["hyper_parameters"]["class_names"] == CLASSES
-    assert not old_call["state_dict"]["input_std"].any()  # 0: unknown

@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from handgrad.runtime import outputs
+from handgrad.runtime import run_folders as outputs
 from handgrad.sweep import run as sweep
 from handgrad.sweep import cli as sweep_cli
 from handgrad.sweep import report as report
+from handgrad.sweep import select as selection
 from handgrad.runtime.errors import ConfigError
 from handgrad.sweep.module import GridClassifier
 from handgrad.sweep.search import expand_grid, member_names
@@ -56,7 +57,8 @@ def scalars(run_dir: Path) -> dict:
 
 
 def test_grid_config_is_the_reference_grid():
-    """configs/grid.yaml holds only what differs from configs/default.yaml; the sweep starts from default.yaml."""
+    """configs/grid.yaml holds only what differs from the reference defaults (configs/default.yaml shows them); the
+    sweep starts from them."""
     cfg = yaml.safe_load(CONFIG.read_text())
     members = [(m["lr"], m["momentum"], m["weight_decay"]) for m in cfg["model"]["members"]]
     assert members == REFERENCE
@@ -65,8 +67,8 @@ def test_grid_config_is_the_reference_grid():
         assert not {k: v for k, v in cfg.get(section, {}).items() if default[section].get(k) == v}, section
     resolved = sweep_cli.SweepCLI(args=["--config", str(CONFIG)]).config  # what the sweep runs with
     assert resolved.trainer.max_epochs == 30 and resolved.data.batch_size == 256
-    assert isinstance(resolved.model.init_seed, int) and resolved.data.classes == ["airplane", "bird"]
-    assert resolved.model.sizes == [3072, 512, 128, 32, 2] and resolved.seed_everything == 265
+    assert isinstance(resolved.model.init_seed, int) and list(resolved.data.classes) == ["airplane", "bird"]
+    assert list(resolved.model.sizes) == [3072, 512, 128, 32, 2] and resolved.seed_everything == 265
 
 
 def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_path, monkeypatch, capsys):
@@ -305,7 +307,7 @@ def test_selection_rules_and_seed_means():
     rows = report.results_table(members, history, [-1] * 4, None, {}, steps)
     assert [r["best_val_acc"] for r in rows] == [0.95, 0.9, 0.8, 0.8] and [r["best_epoch"] for r in rows] == [0, 0, 1, 0]
     # last: A's mean 0.55 < B's 0.75, then B's better seed; best_epoch: A's mean 0.925 > B's 0.8, then A's better seed
-    assert report.select(rows, "last") == 2 and report.select(rows, "best_epoch") == 0
+    assert selection.select(rows, "last") == 2 and selection.select(rows, "best_epoch") == 0
     rows[2]["selected"], rows[2]["test_acc"] = True, 0.75
     by = report.by_config(rows)
     assert [r["seeds"] for r in by] == ["1 2", "1 2"] and [r["selected"] for r in by] == [False, True]
@@ -315,7 +317,7 @@ def test_selection_rules_and_seed_means():
     assert md[3].startswith("| 1 | 0.1 | 0 | 0 | 0 | false | 1 2 | ok | 0.5000 ± 0.0000 |") and "| 0.7500 | yes |" in md[3]
     one_seed = expand_grid(members=[{"lr": 0.01}, {"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}])  # members compete alone
     rows = report.results_table(one_seed, history, [-1] * 4, None, {}, steps)
-    assert report.select(rows, "last") == 2 and report.select(rows, "best_epoch") == 0
+    assert selection.select(rows, "last") == 2 and selection.select(rows, "best_epoch") == 0
 
 
 def test_seeds_and_best_epoch_selection_end_to_end(image_folder, tmp_path, monkeypatch, capsys):

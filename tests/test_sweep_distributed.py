@@ -24,7 +24,7 @@ from test_sweep import REPO, read_csv, scalars, selected_weights, sweep_args
 
 def sweep_command(*args) -> list[str]:
     """``python -m handgrad.sweep.run ARGS`` as a user starts it (Lightning's ddp launcher runs it again per device)."""
-    return [sys.executable, "-m", "handgrad.sweep.run", *args]
+    return [sys.executable, "-m", "handgrad", "sweep", *args]
 
 
 def torchrun_command(*args) -> list[str]:

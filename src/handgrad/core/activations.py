@@ -7,6 +7,8 @@ form the delta recursion needs:  delta^{l} = (delta^{l+1} W^{l+1}) * f'(z^{l}).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -77,11 +79,14 @@ ACTIVATIONS = {
 }
 
 
+Activation = Literal[tuple(ACTIVATIONS)]  # the names, as a type (a command-line option checks its value against it)
+
+
 def get(name: str | None):
     """Return ``(f, df)`` for an activation name; ``None`` means identity."""
     key = "identity" if name is None else name
     if key not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[key]
 
 

@@ -32,9 +32,8 @@ from torch.optim import Optimizer
 
 from handgrad.core import activations
 from handgrad.core.backprop import backward
-from handgrad.core.mlp import MLP
-from handgrad.core.optim import _single_tensor_sgd
-from handgrad.sweep.search import HPARAMS, check_member
+from handgrad.core.mlp import MLP, check_sizes
+from handgrad.core.optim import HYPERPARAMETERS, check_hyperparameters, single_tensor_sgd
 
 
 # ----------------------------------------------------------------------------- the batched network
@@ -61,9 +60,7 @@ class GridMLP(nn.Module):
     def __init__(self, sizes: Sequence[int], num_members: int, activation: str = "relu",
                  output_activation: Optional[str] = None):
         super().__init__()
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or any(s < 1 for s in sizes):
-            raise ValueError(f"sizes must list at least two positive layer widths (input, ..., output), got {sizes}")
+        sizes = check_sizes(sizes)
         if num_members < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}")
         self.n_l, self.L, self.K = sizes, len(sizes) - 1, int(num_members)
@@ -148,12 +145,12 @@ class GridSGD(Optimizer):
 
     Two memory layouts, as :mod:`handgrad.core.optim` has two paths:
 
-    - per member (:func:`_member_sgd`, the default on a CPU): for k = 0..K-1 the slices ``p[k]`` are updated by
-      :func:`handgrad.core.optim._single_tensor_sgd` with member k's hyperparameters as Python numbers (bitwise equal
+    - per member (:func:`member_sgd`, the default on a CPU): for k = 0..K-1 the slices ``p[k]`` are updated by
+      :func:`handgrad.core.optim.single_tensor_sgd` with member k's hyperparameters as Python numbers (bitwise equal
       to torch.optim.SGD). One member's slices stay in the CPU cache through all the operations,
       where a pass over the whole stacked (K, 512, 3072) tensor per operation would go to main memory each
       time (measured: 5x slower). Frozen members are skipped, which reads ``alive`` on the host: free on a CPU.
-    - stacked (:func:`_stacked_sgd`, the default on accelerators): each line is one operation on the whole
+    - stacked (:func:`stacked_sgd`, the default on accelerators): each line is one operation on the whole
       (K, ...) tensor with the hyperparameters as (K, 1, 1) tensors, ``alive`` used on the device through
       ``torch.where`` (so a NaN update cannot leak in): a few kernels per parameter, no host synchronisation,
       capturable in a CUDA graph. For μ = 0 it computes b_t = 0·b_{t-1} + 1·g_t = g_t, i.e. plain SGD
@@ -176,7 +173,7 @@ class GridSGD(Optimizer):
             raise ValueError(f"GridSGD: every hyperparameter needs one value per member, got lengths "
                              f"{ {k: len(v) for k, v in hp.items()} }")
         for k in range(K):
-            check_member({name: v[k] for name, v in hp.items()}, f"GridSGD member {k}")
+            check_hyperparameters(*(hp[name][k] for name in HYPERPARAMETERS), name=lambda h: f"GridSGD member {k}: {h}")
         super().__init__(params, hp)
         for group in self.param_groups:
             for p in group["params"]:
@@ -189,9 +186,9 @@ class GridSGD(Optimizer):
 
     def _member_tensors(self, group: dict, like: Tensor) -> dict[str, Tensor]:
         """The group's hyperparameters as (K, 1, 1) tensors on ``like``'s device and dtype (built once)."""
-        key = (like.device, like.dtype, *(tuple(group[k]) for k in HPARAMS))
+        key = (like.device, like.dtype, *(tuple(group[k]) for k in HYPERPARAMETERS))
         if key not in self._hp_cache:
-            t = {k: torch.tensor(group[k], dtype=like.dtype).view(-1, 1, 1) for k in HPARAMS if k != "nesterov"}
+            t = {k: torch.tensor(group[k], dtype=like.dtype).view(-1, 1, 1) for k in HYPERPARAMETERS if k != "nesterov"}
             t["lr_neg"] = -t["lr"]
             t["one_minus_dampening"] = torch.where(t["momentum"] != 0, 1 - t["dampening"], torch.ones_like(t["lr"]))
             t["nesterov"] = torch.tensor(group["nesterov"]).view(-1, 1, 1)
@@ -236,21 +233,21 @@ class GridSGD(Optimizer):
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             per_member = self.per_member if self.per_member is not None else all(p.is_cpu for p in params)
             if per_member:
-                _member_sgd(params, bufs, group, alive=None if alive is None else alive.tolist(), first=first)
+                member_sgd(params, bufs, group, alive=None if alive is None else alive.tolist(), first=first)
             else:
                 scratch = [self._work_tensor(p) for p in params]
-                _stacked_sgd(params, bufs, scratch, self._member_tensors(group, params[0]), alive=alive,
+                stacked_sgd(params, bufs, scratch, self._member_tensors(group, params[0]), alive=alive,
                              first=first, any_nesterov=any(group["nesterov"]))
 
 
-def _member_sgd(params, bufs, group: dict, *, alive: Optional[list], first: list) -> None:
-    """The rule member by member (the CPU layout): :func:`handgrad.core.optim._single_tensor_sgd`, torch.optim.SGD's
+def member_sgd(params, bufs, group: dict, *, alive: Optional[list], first: list) -> None:
+    """The rule member by member (the CPU layout): :func:`handgrad.core.optim.single_tensor_sgd`, torch.optim.SGD's
     single-tensor path, on member k's slices p[k] with member k's hyperparameters as Python numbers."""
     for k in range(params[0].shape[0]):
         if alive is not None and not alive[k]:
             continue  # a frozen member: parameters and buffers untouched
         member_bufs = [None if new else b[k] for b, new in zip(bufs, first)]  # None: the first step makes it
-        _single_tensor_sgd([p[k] for p in params], [p.grad[k] for p in params], member_bufs,
+        single_tensor_sgd([p[k] for p in params], [p.grad[k] for p in params], member_bufs,
                            lr=group["lr"][k], momentum=group["momentum"][k], dampening=group["dampening"][k],
                            weight_decay=group["weight_decay"][k], nesterov=group["nesterov"][k], maximize=False)
         if group["momentum"][k] != 0:
@@ -259,7 +256,7 @@ def _member_sgd(params, bufs, group: dict, *, alive: Optional[list], first: list
                     b[k].copy_(made)  # b_1 = g, into the stacked buffer
 
 
-def _stacked_sgd(params, bufs, scratch, hp: dict, *, alive: Optional[Tensor], first: list, any_nesterov: bool) -> None:
+def stacked_sgd(params, bufs, scratch, hp: dict, *, alive: Optional[Tensor], first: list, any_nesterov: bool) -> None:
     """The rule on whole (K, ...) tensors, hyperparameters as (K, 1, 1) tensors (the accelerator layout); every
     full-size operation writes into the buffer or the work tensor ``d`` (``out=``): no allocation per step."""
     for p, buf, d, new in zip(params, bufs, scratch, first):

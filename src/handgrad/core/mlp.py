@@ -20,6 +20,15 @@ from torch import Tensor, nn
 from handgrad.core import activations
 
 
+def check_sizes(sizes: Sequence[int]) -> list[int]:
+    """The layer widths [n_0, ..., n_L] as ints: at least two, each a positive integer (ValueError otherwise)."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) < 2 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise ValueError(f"sizes must list at least two positive layer widths [n_0, ..., n_L] (input, ..., output; "
+                         f"n_0 = 3072 for CIFAR, n_L = number of classes), got {sizes!r}")
+    return [int(s) for s in sizes]
+
+
 class MLP(nn.Module):
     """``MLP([3072, 512, 128, 32, 2])`` is the reference model: ReLU hidden layers, linear output.
 
@@ -33,9 +42,7 @@ class MLP(nn.Module):
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", output_activation: str | None = None):
         super().__init__()
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or any(s < 1 for s in sizes):
-            raise ValueError(f"sizes must list at least two positive layer widths (input, ..., output), got {sizes}")
+        sizes = check_sizes(sizes)
         self.n_l = sizes
         self.L = len(sizes) - 1
         self.activation = activation

@@ -12,8 +12,8 @@ dampening = τ):
         g_t = b_t                       otherwise
     p_t = p_{t-1} - γ g_t
 
-The same formula is written twice: ``_single_tensor_sgd`` loops over tensors,
-``_multi_tensor_sgd`` does each line for all tensors of a device and dtype at once with
+The same formula is written twice: ``single_tensor_sgd`` loops over tensors,
+``multi_tensor_sgd`` does each line for all tensors of a device and dtype at once with
 ``torch._foreach_*`` kernels. Both perform the same floating-point operations in the same order
 as PyTorch's implementation, which is why the results are bitwise equal, not just close.
 
@@ -31,6 +31,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+
+HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")  # γ, μ, τ, λ, ν of the formula
 
 
 def check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, *,
@@ -140,7 +143,7 @@ class SGD(Optimizer):
             foreach = not group["differentiable"] and all(p.is_cuda for p in params)
         if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor):
             foreach = False  # a hyperparameter that requires grad: the foreach kernels take numbers only
-        update = _multi_tensor_sgd if foreach else _single_tensor_sgd
+        update = multi_tensor_sgd if foreach else single_tensor_sgd
         update(
             params,
             [p.grad for p in params],
@@ -172,7 +175,7 @@ def _axpy(y: Tensor, a, x: Tensor, *, inplace: bool = False) -> Tensor:
     return y.add_(x, alpha=a) if inplace else y.add(x, alpha=a)
 
 
-def _single_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def single_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     """The update rule, one tensor at a time. ``bufs[i]`` is None until the first step creates it."""
     for i, p in enumerate(params):
         g = -grads[i] if maximize else grads[i]
@@ -187,7 +190,7 @@ def _single_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_d
         _axpy(p, -lr, g, inplace=True)  # p - γ g
 
 
-def _multi_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def multi_tensor_sgd(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     """The same update rule, each line applied to all tensors of one (device, dtype) with a foreach kernel."""
     groups = defaultdict(list)  # foreach kernels need tensors of one device and dtype
     for i, p in enumerate(params):

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from handgrad.runtime import locks as folder_lock
+from handgrad.runtime import disk, locks
 from handgrad.data.cifar_io import (CACHE_DIR, CIFAR10_TGZ, PICKLE_DIR, Source, check_folder, find_source,
                                how_to_supply, no_data)
 from handgrad.runtime.errors import BadDataError, DataNotFoundError
@@ -38,12 +38,12 @@ def prepare(data_dir: Path, download: bool) -> Source:
 
     Nothing already on disk is overwritten: archives are extracted only into names that do not exist yet. A missing
     data_dir is created only by a download that succeeds: a failed one leaves no folder behind. Safe when several
-    processes prepare one data_dir at once: one extracts or downloads (holding folder_lock), the others then use its
+    processes prepare one data_dir at once: one extracts or downloads (holding handgrad.runtime.locks), the others then use its
     result. Removes what interrupted runs (dead processes) left behind.
     """
     check_folder(data_dir)
     if (source := find_source(data_dir)) is not None:
-        folder_lock.remove_debris(data_dir, data_dir / CACHE_DIR)
+        locks.remove_debris(data_dir, data_dir / CACHE_DIR)
         return source
     if not data_dir.is_dir() and not download:
         raise DataNotFoundError(f"{no_data(data_dir)} and download=False. " + how_to_supply(data_dir))
@@ -54,8 +54,8 @@ def prepare(data_dir: Path, download: bool) -> Source:
         raise DataNotFoundError(f"{no_data(data_dir)}, and it cannot be created ({e}). "
                                 + how_to_supply(data_dir)) from None
     try:
-        with folder_lock.locked(data_dir):
-            folder_lock.remove_debris(data_dir, data_dir / CACHE_DIR)
+        with locks.locked(data_dir):
+            locks.remove_debris(data_dir, data_dir / CACHE_DIR)
             return _prepare_locked(data_dir, download, bool(created))
     except BaseException:
         remove_empty_folders(created)
@@ -85,7 +85,7 @@ def _download(data_dir: Path, created: bool) -> Source:
     """Download and extract the official archive with torchvision into a temp folder, then move it into data_dir."""
     tmp, timeout = None, socket.getdefaulttimeout()
     try:
-        tmp = folder_lock.temp_dir(data_dir, "download")
+        tmp = locks.temp_dir(data_dir, "download")
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled network fails in seconds, not minutes
         download_and_extract_archive(CIFAR10_URL, str(tmp), filename=CIFAR10_TGZ, md5=CIFAR10_TGZ_MD5)
         for name in (PICKLE_DIR, CIFAR10_TGZ):
@@ -93,8 +93,8 @@ def _download(data_dir: Path, created: bool) -> Source:
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # our own partial download, nothing of the user's
-        if folder_lock.is_disk_full(e):
-            raise DataNotFoundError(folder_lock.disk_full(data_dir, f"downloading {CIFAR10_URL}", DOWNLOAD_BYTES)
+        if disk.is_disk_full(e):
+            raise DataNotFoundError(disk.disk_full(data_dir, f"downloading {CIFAR10_URL}", DOWNLOAD_BYTES)
                                     + "; free some space there, or pass --data.data_dir on another disk.") from None
         typo = f"The folder {data_dir.absolute()} did not exist (a typo in --data.data_dir?). " if created else ""
         raise DataNotFoundError(f"Could not download CIFAR-10 from {CIFAR10_URL} ({type(e).__name__}: {e}). {typo}"
@@ -110,9 +110,9 @@ def _extract(archive: Path, data_dir: Path, kind: str) -> Source | None:
     """Extract a tar holding a source of `kind` into a temp folder beside it, then rename its top-level entries into
     data_dir (never over existing names). None when the archive holds something else: it is left alone."""
     try:
-        tmp = folder_lock.temp_dir(data_dir, "extract")
+        tmp = locks.temp_dir(data_dir, "extract")
     except OSError as e:
-        if folder_lock.is_disk_full(e):
+        if disk.is_disk_full(e):
             raise DataNotFoundError(_disk_full(archive, data_dir, None)) from None
         raise DataNotFoundError(f"Cannot extract {archive} into {data_dir} ({e}). Link it into a writable folder "
                                 f"and pass that: mkdir -p data && ln -s {archive.absolute()} data/ (then "
@@ -126,7 +126,7 @@ def _extract(archive: Path, data_dir: Path, kind: str) -> Source | None:
                     tar.extractall(tmp, members=_members_with_progress(tar, raw, archive.stat().st_size),
                                    filter="data")
                 except OSError as e:
-                    if not folder_lock.is_disk_full(e):
+                    if not disk.is_disk_full(e):
                         raise
                     shutil.rmtree(tmp, ignore_errors=True)  # give the space back before measuring it
                     raise DataNotFoundError(_disk_full(archive, data_dir, _unpacked_size(tar, data_dir))) from None
@@ -148,7 +148,7 @@ def _extract(archive: Path, data_dir: Path, kind: str) -> Source | None:
 
 
 def _disk_full(archive: Path, data_dir: Path, needed: int | None) -> str:
-    return (folder_lock.disk_full(data_dir, f"extracting {archive.name}", needed) + "; free some space there, or "
+    return (disk.disk_full(data_dir, f"extracting {archive.name}", needed) + "; free some space there, or "
             "extract the archive on another disk and pass --data.data_dir pointing there.")
 
 

@@ -33,8 +33,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchvision.datasets import CIFAR10
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
-from handgrad.runtime import locks as folder_lock
-from handgrad.runtime.errors import BadDataError, DataNotFoundError  # noqa: F401  (re-exported)
+from handgrad.runtime import disk, locks
+from handgrad.runtime.atomic import atomic_write
+from handgrad.runtime.errors import BadDataError, DataNotFoundError, OutputDirError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_TGZ = CIFAR10.filename
@@ -234,8 +235,8 @@ def load_uint8(data_dir: Path, source: Source, class_ids: list[int], workers: in
     seen = _identity(path)
     if seen is not None and (cached := load_cache(path, meta, labels)) is not None:
         return cached
-    with folder_lock.locked(data_dir):
-        folder_lock.remove_debris(path.parent)
+    with locks.locked(data_dir):
+        locks.remove_debris(path.parent)
         if _identity(path) not in (None, seen) and (cached := load_cache(path, meta, labels)) is not None:
             return cached  # written by the process this one waited for
         n_files = len(files["train"]) + len(files["test"])
@@ -309,38 +310,19 @@ def misfit(cached: dict, meta: dict, labels: dict | None) -> str | None:
 
 
 def save_cache(path: Path, data: dict, meta: dict | None = None) -> None:
-    """torch.save (with the format version and `meta`) to a temp file named after this writer, then os.replace:
-    readers never see a partial file. Any failure (torch.save raises RuntimeError on a full disk) is one notice; the
-    temp file is removed and the caller goes on without the cache."""
-    tmp = None
+    """torch.save (with the format version and `meta`), written atomically: readers never see a partial file. Any
+    failure (a full disk, ...) is one notice and the caller goes on without the cache."""
     try:
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = folder_lock.temp_file(path)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": CACHE_VERSION, **(meta or {}), **{k: data[k] for k in CACHE_KEYS}}, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda f: torch.save({"version": CACHE_VERSION, **(meta or {}),
+                                                 **{k: data[k] for k in CACHE_KEYS}}, f))
     except Exception as e:
-        _unlink(tmp)
-        tmp = None
         warnings.warn(f"cannot write the decoded-image cache {path} ({_why_not_written(e, path, data)}); "
                       f"continuing without it, the next run decodes the images again")
-    finally:
-        _unlink(tmp)  # interrupted (KeyboardInterrupt): no partial file left behind
-
-
-def _unlink(path: str | None) -> None:
-    if path is not None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def _why_not_written(e: Exception, path: Path, data: dict) -> str:
     needed = sum(data[k].nbytes for k in CACHE_KEYS)
-    free = folder_lock.free_bytes(path.parent if path.parent.is_dir() else path.parent.parent)
-    if folder_lock.is_disk_full(e) or (free is not None and free < needed + 2**20):
-        return folder_lock.disk_full(path.parent, "writing it", needed)
+    free = disk.free_bytes(path.parent if path.parent.is_dir() else path.parent.parent)
+    if disk.is_disk_full(e) or isinstance(e, OutputDirError) or (free is not None and free < needed + 2**20):
+        return disk.disk_full(path.parent, "writing it", needed)
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -4,9 +4,9 @@
     dm.prepare_data(); dm.setup()
     x, y = next(iter(dm.train_dataloader()))                         # (256, 3, 32, 32) float32, (256,) int64
 
-Extracting and downloading live in handgrad.data.cifar_fetch, reading and caching in handgrad.data.cifar_io; this file is
-the data pipeline:
-labels -> split -> statistics -> normalization -> batches.
+Extracting and downloading live in :mod:`handgrad.data.cifar_fetch`, reading and caching in
+:mod:`handgrad.data.cifar_io`, the statistics and their formula in :mod:`handgrad.data.normalization`; this file is
+the data pipeline: labels -> split -> statistics -> normalization -> batches.
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
-from handgrad.data import cifar_fetch
-from handgrad.data import cifar_io
+from handgrad.data import cifar_fetch, cifar_io
 from handgrad.data.cifar_io import CIFAR10_CLASSES, BadDataError, DataNotFoundError
+from handgrad.data.normalization import channel_stats, normalize
 from handgrad.runtime.errors import ConfigError
-from handgrad.train.views import labelled_grid, markdown_table
+from handgrad.runtime.text import markdown_table
 
-__all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "channel_stats", "normalize",
-           "CIFAR10_CLASSES", "BadDataError", "DataNotFoundError"]
+__all__ = ["CIFAR10DataModule", "TensorBatches", "stratified_split", "CIFAR10_CLASSES"]
 
 PRECISION_DTYPES = {"64-true": torch.float64, "64": torch.float64, "16-true": torch.float16,
                     "bf16-true": torch.bfloat16}
@@ -54,33 +52,6 @@ def stratified_split(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[t
                           f"(training images per class: {n_c.tolist()}); use a val_fraction nearer 0.5 or more data.")
     is_val = rank_in_class < n_val_c[y_perm]
     return perm[~is_val], perm[is_val]
-
-
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (population) std of uint8 images x (N, 3, H, W) scaled to [0, 1]:
-
-        mean_c = 1/(NHW) sum_{n,h,w} x_nchw / 255,    std_c = sqrt(1/(NHW) sum_{n,h,w} (x_nchw / 255 - mean_c)^2)
-
-    computed exactly from the 256-bin histogram of each channel (float64), so memory stays O(1).
-    """
-    v = torch.arange(256, dtype=torch.float64, device=x.device) / 255
-    p = torch.stack([torch.bincount(x[:, c].flatten(), minlength=256) for c in range(3)]).double()
-    p = p / p.sum(1, keepdim=True)
-    mean = (p * v).sum(1)
-    std = (p * (v - mean[:, None]) ** 2).sum(1).sqrt()
-    return mean, std
-
-
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """x_hat_nchw = (x_nchw / 255 - mean_c) / std_c = (x_nchw - 255 mean_c) / (255 std_c)  for uint8 x.
-
-    Computed in float32 (float64 when that is the target), then cast to `dtype`; 255 mean_c and 255 std_c are
-    computed in float64 and rounded once (the statistics a model stores give the data module's batches bitwise).
-    """
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    shift = (255 * mean.double()).to(x.device, work).view(1, 3, 1, 1)
-    scale = (255 * std.double()).to(x.device, work).view(1, 3, 1, 1)
-    return x.to(work).sub_(shift).div_(scale).to(dtype)
 
 
 class TensorBatches:
@@ -183,6 +154,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     """
 
     dims = (3, 32, 32)  # the shape of one image (C, H, W): the model's input size is their product, 3072
+    SPLIT_OPTIONS = ("classes", "val_fraction", "split_seed")  # they fix which images are train, val and test
+    BATCH_OPTIONS = SPLIT_OPTIONS + ("batch_size", "shuffle")  # and these, every training batch (what a resume keeps)
 
     def __init__(self, data_dir: str = "data", classes: Sequence[str] = ("airplane", "bird"),
                  val_fraction: float = 0.2, split_seed: int = 265, batch_size: int = 256, shuffle: bool = False,
@@ -213,7 +186,6 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.train_idx = self.val_idx = None
         self.class_counts: dict[str, list[int]] = {}
         self.sample_grid = None  # uint8 (3, H, W): SAMPLES_PER_CLASS training images per class, one row each
-        self._logged = False
 
     def use_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Normalize with these per-channel statistics (a trained model's ``input_mean``/``input_std``) instead of
@@ -272,9 +244,14 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.class_counts = {split: torch.bincount(y, minlength=self.num_classes).tolist()
                              for split, y in (("train", self.train_y), ("val", self.val_y), ("test", self.test_y))}
         self.sample_grid = self._make_grid(x_train, self.train_y).cpu()
-        if self.trainer is not None and not self._logged:
-            self.log_samples(self.trainer.loggers)
-            self._logged = True
+        if self.trainer is not None:  # in a run: say what it trains on
+            rank_zero_info(f"CIFAR-10 {self.class_names} from {self.data_dir}, images per class:\n"
+                           f"{self.class_counts_table()}")
+
+    def class_counts_table(self) -> str:
+        """The images per class and split, as a Markdown table (printed at setup, and in TensorBoard's Text)."""
+        return markdown_table(["split", *self.class_names, "total"],
+                              ([s, *c, sum(c)] for s, c in self.class_counts.items()))
 
     def _make_grid(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -282,21 +259,6 @@ class CIFAR10DataModule(L.LightningDataModule):
             row = x[(y == k).nonzero()[:SAMPLES_PER_CLASS, 0]]
             rows.append(torch.cat([row, row.new_zeros(SAMPLES_PER_CLASS - len(row), 3, 32, 32)]))
         return make_grid(torch.cat(rows), nrow=SAMPLES_PER_CLASS, padding=2)
-
-    def log_samples(self, loggers=()) -> str:
-        """A look at the data: class counts per split (printed on rank 0, and as text to TensorBoard) and a grid of
-        example training images, one row per class (to every TensorBoardLogger in `loggers`)."""
-        if self.sample_grid is None:
-            raise RuntimeError("call setup() before log_samples()")
-        table = markdown_table(["split", *self.class_names, "total"],
-                               ([s, *c, sum(c)] for s, c in self.class_counts.items()))
-        rank_zero_info(f"CIFAR-10 {self.class_names} from {self.data_dir}, images per class:\n{table}")
-        loggers = [loggers] if isinstance(loggers, Logger) else list(loggers or ())
-        for logger in loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("data/samples", labelled_grid(self.sample_grid, self.class_names), 0)
-                logger.experiment.add_text("data/class_counts", table, 0)
-        return table
 
     def _batches(self, x, y, train: bool) -> TensorBatches:
         if x is None:

@@ -1,4 +1,10 @@
-"""A trained model's input contract: what it takes to use it without its training data.
+"""Normalization: the training split's per-channel statistics, the formula that applies them, and the input contract
+a trained model carries so that it can be used without its training data.
+
+    mean_c, std_c           of the training split only (:func:`channel_stats`), float64, exact
+    x_hat_nchw = (x_nchw - 255 mean_c) / (255 std_c)        (:func:`normalize`, for uint8 images)
+
+The contract:
 
     input_mean, input_std   buffers (3,): the per-channel mean and std of the training split, set when fit starts
     hparams.class_names     the name of each output
@@ -6,15 +12,14 @@
 Both are in every checkpoint (buffers are in the state dict, hparams in ``hyper_parameters``), so a checkpoint
 alone classifies a raw image:
 
-    x_hat_nchw = (x_nchw - 255 mean_c) / (255 std_c)        (handgrad.data.datamodule.normalize, the data module's formula)
+    x_hat_nchw = (x_nchw - 255 mean_c) / (255 std_c)        (normalize)
     p_nk       = exp(a^L_nk) / Σ_j exp(a^L_nj)              (softmax of the outputs of forward(x_hat))
 
 The statistics are float64, as the data module computes them (exactly, from the pixel histogram) and normalizes
 with them: an evaluation from the checkpoint normalizes bitwise as training did, in float32 as in float64. (float32
 statistics would round them, and the training images would have to be normalized with the rounded values.) The
 model's ``.to(dtype)`` casts them like any buffer; on a device without float64 (Apple's MPS) they are made float32
-when the trainer sets the model up. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown"), as in
-a checkpoint written before handgrad stored them once it is loaded.
+when the trainer sets the model up. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown").
 """
 
 from __future__ import annotations
@@ -24,7 +29,34 @@ from torch import Tensor
 
 from handgrad.runtime.errors import CheckpointError, ConfigError
 
-STATISTICS = ("input_mean", "input_std")
+STATISTICS = ("input_mean", "input_std")  # buffers of shape (3,): one value per channel
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std of uint8 images x (N, 3, H, W) scaled to [0, 1]:
+
+        mean_c = 1/(NHW) sum_{n,h,w} x_nchw / 255,    std_c = sqrt(1/(NHW) sum_{n,h,w} (x_nchw / 255 - mean_c)^2)
+
+    computed exactly from the 256-bin histogram of each channel (float64), so memory stays O(1).
+    """
+    v = torch.arange(256, dtype=torch.float64, device=x.device) / 255
+    p = torch.stack([torch.bincount(x[:, c].flatten(), minlength=256) for c in range(3)]).double()
+    p = p / p.sum(1, keepdim=True)
+    mean = (p * v).sum(1)
+    std = (p * (v - mean[:, None]) ** 2).sum(1).sqrt()
+    return mean, std
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """x_hat_nchw = (x_nchw / 255 - mean_c) / std_c = (x_nchw - 255 mean_c) / (255 std_c)  for uint8 x.
+
+    Computed in float32 (float64 when that is the target), then cast to `dtype`; 255 mean_c and 255 std_c are
+    computed in float64 and rounded once (the statistics a model stores give the data module's batches bitwise).
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    shift = (255 * mean.double()).to(x.device, work).view(1, 3, 1, 1)
+    scale = (255 * std.double()).to(x.device, work).view(1, 3, 1, 1)
+    return x.to(work).sub_(shift).div_(scale).to(dtype)
 
 
 class InputContract:
@@ -76,20 +108,11 @@ class InputContract:
             for name in STATISTICS:
                 setattr(self, name, getattr(self, name).float())
 
-    def keep_own_statistics_if_missing(self, checkpoint: dict) -> None:
-        """A checkpoint written before the statistics were stored: load it with the model's own (0: unknown, or
-        those the data module computed), instead of failing on the missing keys."""
-        state = checkpoint.get("state_dict", {})
-        for name in STATISTICS:
-            state.setdefault(name, getattr(self, name).detach().clone())
-
     def normalize_input(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, 32, 32) normalized with the stored statistics, in the dtype of the model's weights."""
-        from handgrad.data.datamodule import normalize
-
         if not self.has_input_statistics():
-            raise CheckpointError("this model holds no input statistics (an untrained model, or a checkpoint written "
-                                  "before handgrad stored them): train it, or copy the training data's into it: "
+            raise CheckpointError("this model holds no input statistics (it is untrained): train it, or copy the "
+                                  "training data's into it: "
                                   "dm = CIFAR10DataModule(...); dm.setup(); model.input_mean.copy_(dm.mean); "
                                   "model.input_std.copy_(dm.std)")
         weight = self.mlp.fc["1"].weight

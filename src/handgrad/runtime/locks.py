@@ -1,5 +1,5 @@
-"""Several processes writing into one data folder: one writer at a time, temp names that say whose they are, the
-debris of dead writers removed, and a full disk said as such.
+"""Several processes writing into one folder: one writer at a time, temp names that say whose they are, the debris
+of dead writers removed.
 
 Two first runs, or the ranks of a sweep on one node, may prepare the same data_dir at once. A writer holds
 ``data_dir/.handgrad-lock`` (an ``flock``: the kernel releases it when its process ends, however it ends) while it
@@ -13,7 +13,7 @@ writer, of another host (whose processes cannot be seen from here) or without a 
 
 from __future__ import annotations
 
-import errno
+import glob
 import os
 import re
 import shutil
@@ -24,6 +24,8 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from handgrad.runtime.disk import size_text
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock, one writer at a time is then up to the user
@@ -32,7 +34,6 @@ except ImportError:  # Windows: no flock, one writer at a time is then up to the
 LOCK_NAME = ".handgrad-lock"
 HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "localhost"  # no "-": the name's fields split on it
 TAGGED = re.compile(r"-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[A-Za-z0-9_]+(\.tmp)?$")  # ...-<host>-<pid>-<random>
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def tag() -> str:
@@ -45,9 +46,12 @@ def temp_dir(parent: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{kind}-{tag()}", dir=parent))
 
 
-def temp_file(target: Path) -> tuple[int, str]:
-    """(fd, path) of a new file ``<target>-<host>-<pid>-<random>.tmp`` beside target, mode 0600."""
-    return tempfile.mkstemp(prefix=f"{target.name}-{tag()}", suffix=".tmp", dir=target.parent)
+def remove_dead_writers_files(folder: Path, prefix: str) -> None:
+    """Remove the ``<prefix><host>-<pid>-<random>.tmp`` files in ``folder`` whose writer is dead (killed while
+    writing: :func:`handgrad.runtime.atomic.atomic_write` names its temporary files so); a live one's stay."""
+    for stale in folder.glob(f"{glob.escape(prefix)}*.tmp"):
+        if dead_writer(stale.name):
+            stale.unlink(missing_ok=True)
 
 
 def is_running(pid: int) -> bool:
@@ -187,28 +191,3 @@ def _holder(path: Path) -> str:
         return f"process {int(pid)} on {host}"
     except (OSError, ValueError):
         return "another process"
-
-
-# ----------------------------------------------------------------------------- a full disk
-
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in DISK_FULL
-
-
-def free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def size_text(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
-
-
-def disk_full(folder: Path, doing: str, needed: int | None) -> str:
-    """'the disk holding <folder> is full while <doing>: X free, about Y needed'."""
-    free = free_bytes(folder)
-    have = f"{size_text(free)} free" if free is not None else "no space left"
-    need = f", about {size_text(needed)} needed" if needed else ""
-    return f"the disk holding {folder} is full (No space left on device) while {doing}: {have}{need}"

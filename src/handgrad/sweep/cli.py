@@ -1,5 +1,5 @@
 """The sweep's command line: the ``--model`` options of a search (:class:`SweepModel`), LightningCLI for them
-(:class:`SweepCLI`, defaults from ``configs/default.yaml``), and the checks run before anything is written."""
+(:class:`SweepCLI`, with the reference job's defaults), and the checks run before anything is written."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import warnings
 from argparse import RawDescriptionHelpFormatter
 from typing import Literal, Optional, Sequence
 
-import yaml
 from jsonargparse import ActionYesNo, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from handgrad.core.activations import ACTIVATIONS
-from handgrad.train.cli import DEFAULT_CONFIG, RunLogger, logs_under_default_root_dir
+from handgrad.core.activations import Activation
+from handgrad.core.mlp import check_sizes
 from handgrad.data.datamodule import CIFAR10DataModule
-from handgrad.runtime.errors import ConfigError, HandgradError, SetupError, check_precision, check_sizes_fit_data
-from handgrad.sweep.module import COMPILE_MODES
+from handgrad.runtime.errors import ConfigError, HandgradError, SetupError
 from handgrad.sweep.search import expand_grid
-from handgrad.sweep.report import RULES
+from handgrad.sweep.select import RULES
+from handgrad.train.cli import SEED, TRAINER_DEFAULTS, HandgradArgumentParser, RunLogger, logs_under_default_root_dir
+from handgrad.train.model_setup import preflight
 
 class SweepModel:
     """The ``--model`` options of a sweep: the search (:func:`handgrad.sweep.search.expand_grid`) and the network.
@@ -42,17 +42,11 @@ class SweepModel:
 
     def __init__(self, grid: Optional[dict] = None, members: Optional[list[dict]] = None,
                  samples: Optional[int] = None, seeds: Optional[list[int]] = None, sample_seed: int = 0,
-                 sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: str = "relu",
+                 sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: Activation = "relu",
                  init_seed: Optional[int] = 265, compile: Optional[Literal["inductor", "cuda_graph"]] = None,
                  members_per_step: Optional[int] = None):
         self.members = expand_grid(grid, members, samples, seeds, sample_seed)
-        self.sizes = [int(n) for n in sizes]
-        if len(self.sizes) < 2 or any(n < 1 for n in self.sizes):
-            raise ValueError(f"--model.sizes must list at least two positive widths (input, ..., output), got {sizes}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"--model.activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if compile is not None and compile not in COMPILE_MODES:
-            raise ValueError(f"--model.compile {compile!r}: use null (eager), inductor or cuda_graph")
+        self.sizes = check_sizes(sizes)
         if members_per_step is not None and members_per_step < 1:
             raise ValueError(f"--model.members_per_step must be >= 1 (or null: chosen for the device), got "
                              f"{members_per_step}")
@@ -70,8 +64,9 @@ class SweepCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().__init__(
                 None, datamodule_class, args=args, run=False, auto_configure_optimizers=False,
-                save_config_callback=None, seed_everything_default=265,
-                trainer_defaults={"logger": lazy_instance(RunLogger, name="sweep")},
+                save_config_callback=None,
+                trainer_defaults={"logger": lazy_instance(RunLogger, name="sweep"), **TRAINER_DEFAULTS},
+                seed_everything_default=SEED, parser_class=HandgradArgumentParser,
                 parser_kwargs={"description": description, "formatter_class": RawDescriptionHelpFormatter})
 
     def add_core_arguments_to_parser(self, parser) -> None:
@@ -87,17 +82,6 @@ class SweepCLI(LightningCLI):
         parser.add_argument("--select", choices=RULES, default="last",
                             help="last: the final validation's accuracy (the course's rule); best_epoch: each "
                                  "member's best validation, whose weights selected.ckpt then holds")
-        if DEFAULT_CONFIG.is_file():  # the reference job's settings; a sweep config holds only what differs
-            reference = yaml.safe_load(DEFAULT_CONFIG.read_text())
-            defaults = {"seed_everything": reference.get("seed_everything")}
-            defaults |= {f"trainer.{k}": v for k, v in reference.get("trainer", {}).items()}
-            defaults |= {f"data.{k}": v for k, v in reference.get("data", {}).items()}
-            defaults |= {f"model.{k}": reference["model"][k] for k in ("sizes", "activation") if k in reference.get("model", {})}
-            for key, value in defaults.items():
-                try:
-                    parser.set_defaults({key: value})
-                except Exception:  # noqa: BLE001  (a key another datamodule class does not have)
-                    pass
 
     def before_instantiate_classes(self) -> None:
         """``--trainer.default_root_dir DIR``: the sweep logs under DIR/lightning_logs/sweep/ (as Lightning's own
@@ -128,8 +112,7 @@ def check(cli: SweepCLI, args: list[str]) -> None:
     if cli.config.sequential and cli.config.select == "best_epoch":
         raise ConfigError("--select best_epoch keeps each member's best-epoch weights in the batched grid; "
                           "--sequential keeps only the last ones: leave out one of the two")
-    check_precision(trainer.precision)
-    check_sizes_fit_data(model.sizes, cli.datamodule)
+    preflight(trainer, cli.datamodule, model.sizes)
     strategy, name = trainer.strategy, str(cli.config.trainer.strategy)
     ddp = type(strategy) is DDPStrategy and not any(word in name for word in ("spawn", "fork", "notebook"))
     if not (isinstance(strategy, SingleDeviceStrategy) or ddp):

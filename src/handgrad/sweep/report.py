@@ -1,4 +1,4 @@
-"""The sweep's results: one row per member, the selection rule, the tables on disk and in TensorBoard.
+"""The sweep's results: one row per member, the tables on disk and in TensorBoard.
 
     history[name][row][k]      member k's value of metric ``name`` (train_loss, train_acc per training epoch;
                                val_loss, val_acc per validation), NaN where member k has failed
@@ -8,39 +8,32 @@
 
 Per member the table shows the last validation (``val_acc``: the course's rule) and the best one
 (``best_val_acc`` at ``best_epoch``: highest val accuracy, ties: lower val loss, then the earlier one).
-``--select last`` picks on the first, ``--select best_epoch`` on the second, both with
-:func:`handgrad.sweep.search.select_best`. When members repeat a configuration over several seeds, the configuration
-is picked by its mean over the seeds and, within it, its best seed by the same rule; the table by configuration
-shows mean ± std.
+``--select last`` picks on the first, ``--select best_epoch`` on the second (:mod:`handgrad.sweep.select`). When
+members repeat a configuration over several seeds, the table by configuration shows mean ± std.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import shlex
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from handgrad.sweep.search import HPARAMS, config_of, mean_std, member_names, select_best
-from handgrad.train.views import (SWEEP_METRICS, add_layout, final_metrics, log_hparams, markdown_table,
-                                       run_hparams, write_experiment)
+from handgrad.runtime.text import markdown_table
+from handgrad.core.optim import HYPERPARAMETERS
+from handgrad.sweep.search import config_of, mean_std, member_names
+from handgrad.sweep.outcome import METRICS
+from handgrad.sweep.select import best_validation
+from handgrad.train.views import SWEEP_METRICS, add_layout, final_metrics, log_hparams, run_hparams, write_experiment
 
-METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 COLUMNS = ("member", "lr", "momentum", "weight_decay", "dampening", "nesterov", "seed", "status",
            "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch", "test_acc", "selected")
 SUMMED = ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc")  # mean ± std over seeds
 CONFIG_COLUMNS = ("config", "lr", "momentum", "weight_decay", "dampening", "nesterov", "seeds", "status",
                   *SUMMED, "test_acc", "selected")
-RULES = ("last", "best_epoch")
-
-
-def best_validation(val_acc: list[float], val_loss: list[float]) -> Optional[int]:
-    """Index of a member's best validation: highest accuracy, ties: lower loss, then the earlier; None if none."""
-    rows = [v for v, a in enumerate(val_acc) if math.isfinite(a)]
-    loss = [v if math.isfinite(v) else math.inf for v in val_loss]
-    return min(rows, key=lambda v: (-val_acc[v], loss[v], v)) if rows else None
 
 
 def results_table(members: list[dict], history: dict, failed_epoch: list[int], best: Optional[int], test: dict,
@@ -64,24 +57,6 @@ def results_table(members: list[dict], history: dict, failed_epoch: list[int], b
         row["selected"] = k == best
         rows.append(row)
     return rows
-
-
-def select(rows: list[dict], rule: str = "last") -> int:
-    """The selected member under ``rule`` ("last": the last validation, "best_epoch": each member's best one).
-    Members that share a configuration (repeated seeds) compete as one, by their mean; then the configuration's
-    best member is taken by the same rule."""
-    acc, loss = ("val_acc", "val_loss") if rule == "last" else ("best_val_acc", "best_val_loss")
-    failed = [r["status"] != "ok" for r in rows]
-    groups: dict[tuple, list[int]] = {}
-    for r in rows:
-        groups.setdefault(config_of(r), []).append(r["member"])
-    if all(len(g) == 1 for g in groups.values()):
-        return select_best([r[acc] for r in rows], [r[loss] for r in rows], failed)
-    keys = list(groups)
-    means = [[mean_std([rows[k][name] for k in groups[c]])[0] for c in keys] for name in (acc, loss)]
-    bad = [any(failed[k] for k in groups[c]) for c in keys]
-    winner = groups[keys[select_best(means[0], means[1], bad)]]
-    return winner[select_best([rows[k][acc] for k in winner], [rows[k][loss] for k in winner], [False] * len(winner))]
 
 
 def by_config(rows: list[dict]) -> list[dict]:
@@ -183,7 +158,7 @@ def write_member_curves(log_dir: Path, members: list[dict], indices: list[int], 
 def member_params(member: dict, model: dict, data_hparams: dict, max_epochs) -> dict:
     """A member's hyperparameters for HPARAMS (:func:`run_hparams`): the network's (``model``: sizes, activation,
     ...), the member's SGD ones and its initial-weight seed, the data's, max_epochs."""
-    model = {**model, **{h: member[h] for h in HPARAMS}, "seed": member.get("seed", model.get("seed"))}
+    model = {**model, **{h: member[h] for h in HYPERPARAMETERS}, "seed": member.get("seed", model.get("seed"))}
     return run_hparams(model, data_hparams, max_epochs)
 
 
@@ -227,7 +202,7 @@ def retest_command(ckpt: Path, data_dir, precision: str) -> str:
     """The ``train.py test`` line that evaluates ``ckpt`` on the sweep's test data again: the checkpoint carries
     its class names and the training split's statistics (:mod:`handgrad.data.normalization`), so only where the images
     are, and the precision of a float64 sweep."""
-    words = ["python train.py test --ckpt_path", str(ckpt), "--data.data_dir", str(data_dir)]
+    words = ["python", "train.py", "test", "--ckpt_path", str(ckpt), "--data.data_dir", str(data_dir)]
     if precision != "32-true":
         words += ["--trainer.precision", precision]
-    return " ".join(words)
+    return shlex.join(words)

@@ -19,8 +19,7 @@ The members of a sweep come from exactly one of
 member k is configuration k // S with seed s_{k mod S}); the results table then shows the mean and standard
 deviation over the seeds, and the selection compares configurations by their mean.
 
-Selection (:func:`select_best`): the highest val accuracy; ties go to the lower val loss, then to the lower
-index; a failed (diverged) member is never selected.
+How the winner is picked: :mod:`handgrad.sweep.select`.
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ import random
 import statistics
 from typing import Optional, Sequence
 
-from handgrad.core.optim import check_hyperparameters
+from handgrad.core.optim import HYPERPARAMETERS, check_hyperparameters
 
-HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 HPARAM_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
 DISTRIBUTIONS = ("log_uniform", "uniform", "choice")
 
@@ -43,14 +41,14 @@ def check_member(d: dict, where: str) -> dict:
     torch.optim.SGD checks them."""
     if not isinstance(d, dict):
         raise TypeError(f"{where}: expected a mapping like {{lr: 0.01, momentum: 0.9}}, got {d!r}")
-    unknown = sorted(set(d) - set(HPARAMS) - {"seed"})
+    unknown = sorted(set(d) - set(HYPERPARAMETERS) - {"seed"})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; a member is described by {list(HPARAMS)} (and seed)")
+        raise ValueError(f"{where}: unknown key(s) {unknown}; a member is described by {list(HYPERPARAMETERS)} (and seed)")
     if "lr" not in d:
         raise ValueError(f"{where}: 'lr' is required (got {d!r})")
     m = {**HPARAM_DEFAULTS, **d}
-    check_hyperparameters(*(m[k] for k in HPARAMS), name=lambda k: f"{where}: {k}")
-    out = {k: (m[k] if k == "nesterov" else float(m[k])) for k in HPARAMS}
+    check_hyperparameters(*(m[k] for k in HYPERPARAMETERS), name=lambda k: f"{where}: {k}")
+    out = {k: (m[k] if k == "nesterov" else float(m[k])) for k in HYPERPARAMETERS}
     if "seed" in d:
         if not isinstance(d["seed"], int) or isinstance(d["seed"], bool):
             raise ValueError(f"{where}: seed must be an integer, got {d['seed']!r}")
@@ -84,19 +82,19 @@ def expand_grid(grid: Optional[dict] = None, members: Optional[Sequence[dict]] =
 def _from_grid(grid: dict, samples: Optional[int], sample_seed: int) -> list[dict]:
     if not isinstance(grid, dict):
         raise TypeError(f"`grid` must map hyperparameter names to lists, got {grid!r}")
-    unknown = sorted(set(grid) - set(HPARAMS))
+    unknown = sorted(set(grid) - set(HYPERPARAMETERS))
     if unknown:
-        raise ValueError(f"grid: unknown key(s) {unknown}; allowed: {list(HPARAMS)}")
+        raise ValueError(f"grid: unknown key(s) {unknown}; allowed: {list(HYPERPARAMETERS)}")
     if "lr" not in grid:
         raise ValueError("grid: 'lr' is required, e.g. grid: {lr: [0.01]}")
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be an integer >= 1 (members drawn at random), got {samples!r}")
         rng = random.Random(sample_seed)
-        draws = {k: _distribution(k, grid[k]) for k in HPARAMS if k in grid}
+        draws = {k: _distribution(k, grid[k]) for k in HYPERPARAMETERS if k in grid}
         return [check_member({k: draw(rng) for k, draw in draws.items()}, f"sample {i}") for i in range(samples)]
     axes = []
-    for k in HPARAMS:
+    for k in HYPERPARAMETERS:
         v = grid.get(k, [HPARAM_DEFAULTS.get(k)])
         if isinstance(v, dict):
             raise ValueError(f"grid: {k} is a distribution {v!r}; drawing from it needs --model.samples N")
@@ -104,7 +102,7 @@ def _from_grid(grid: dict, samples: Optional[int], sample_seed: int) -> list[dic
         if not v:
             raise ValueError(f"grid: the list for {k!r} is empty")
         axes.append(v)
-    return [check_member(dict(zip(HPARAMS, combo)), f"grid member {i}") for i, combo in enumerate(itertools.product(*axes))]
+    return [check_member(dict(zip(HYPERPARAMETERS, combo)), f"grid member {i}") for i, combo in enumerate(itertools.product(*axes))]
 
 
 def _distribution(key: str, spec):
@@ -143,7 +141,7 @@ def member_names(members: Sequence[dict]) -> list[str]:
     def varies(key):
         return len({repr(m.get(key)) for m in members}) > 1
 
-    keys = [k for k in HPARAMS if varies(k)] or ["lr", "momentum", "weight_decay"]  # one member: its optimizer
+    keys = [k for k in HYPERPARAMETERS if varies(k)] or ["lr", "momentum", "weight_decay"]  # one member: its optimizer
 
     def name(m):
         parts = [SHORT[k] if k == "nesterov" else f"{SHORT[k]}{m[k]:g}" for k in keys if k != "nesterov" or m[k]]
@@ -156,20 +154,9 @@ def member_names(members: Sequence[dict]) -> list[str]:
     return names
 
 
-def select_best(val_acc: Sequence[float], val_loss: Sequence[float], failed: Sequence[bool]) -> int:
-    """Index of the member with the highest val accuracy; ties go to the lower val loss, then to the
-    lower index. Failed members and members with a non-finite val accuracy are never selected."""
-    candidates = [k for k in range(len(val_acc))
-                  if not failed[k] and math.isfinite(val_acc[k])]
-    if not candidates:
-        raise RuntimeError("every member of the grid failed (diverged): nothing to select; lower the learning rates")
-    vl = [v if math.isfinite(v) else math.inf for v in val_loss]
-    return min(candidates, key=lambda k: (-val_acc[k], vl[k], k))
-
-
 def config_of(m: dict) -> tuple:
     """A member's configuration without its seed: members that differ only in ``seed`` share it."""
-    return tuple(m[k] for k in HPARAMS)
+    return tuple(m[k] for k in HYPERPARAMETERS)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

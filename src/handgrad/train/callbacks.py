@@ -9,6 +9,7 @@
     HparamsLogger     TensorBoard's HPARAMS tab: the run's hyperparameters against hp/val_acc_last,
                       hp/val_acc_best, hp/best_epoch, ... and hp/test_acc; the CUSTOM SCALARS charts (train and
                       val together)
+    DataSamples       a look at the data when fit starts: a grid of training images per class, the class counts
 
 What the pictures and the HPARAMS entries look like, and the tag scheme: :mod:`handgrad.train.views`.
 
@@ -26,8 +27,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from handgrad.runtime.text import markdown_table
 from handgrad.train.views import (KEY_HPARAMS, METRICS, add_layout, confusion_matrix_image, final_metrics,
-                                      log_hparams, markdown_table, run_hparams, write_experiment)
+                                  labelled_grid, log_hparams, run_hparams, write_experiment)
 
 
 def tensorboard(trainer):
@@ -155,6 +157,22 @@ class HparamsLogger(Callback):
             write_experiment(trainer.logger, {k: [v] for k, v in params.items()}, METRICS, KEY_HPARAMS, domains=False)
         log_hparams(trainer.logger, params)
         add_layout(trainer.logger)
+        self.logged = True
+
+
+class DataSamples(Callback):
+    """When the first fit starts, the data module's example grid (``sample_grid``: one row of training images per
+    class) as ``data/samples`` and its class counts per split as the Text ``data/class_counts``."""
+
+    def __init__(self):
+        self.logged = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        data = trainer.datamodule
+        if self.logged or getattr(data, "sample_grid", None) is None or (tb := tensorboard(trainer)) is None:
+            return
+        tb.add_image("data/samples", labelled_grid(data.sample_grid, data.class_names), 0)
+        tb.add_text("data/class_counts", data.class_counts_table(), 0)
         self.logged = True
 
 

@@ -1,10 +1,14 @@
-"""Checkpoints: written atomically, checked before they are used, and built for a sweep's selected member.
+"""Checkpoints: written atomically, read safely, and checked before they are used.
 
 Writing. Lightning's TorchCheckpointIO (2.6) serializes to memory and writes through an fsspec transaction whose
 temporary file lives in the system temp folder: when that is another file system than the checkpoint's, the
 "commit" is a copy onto the final name, and a kill during it leaves a truncated last.ckpt. :class:`AtomicCheckpointIO`
-writes a temporary file beside the target, fsyncs it and renames it over the target (os.replace), so a kill at any
-moment leaves either the old or the new checkpoint, never a mix.
+writes with :func:`handgrad.runtime.atomic.atomic_write` (a temporary file beside the target, fsync, os.replace), so
+a kill at any moment leaves either the old or the new checkpoint, never a mix.
+
+Reading. Local checkpoints go through torch's safe loader (tensors and plain values only): a pickle that would run
+code is refused as "not a handgrad checkpoint", never loaded, and torch's advice to disable the safe loader is never
+passed on.
 
 Checking. A checkpoint made for another architecture (sizes, activation) or, for ``fit --ckpt_path``, another run
 (other SGD settings or another data order) is refused with the flags that fit it, before anything is written.
@@ -12,26 +16,29 @@ Checking. A checkpoint made for another architecture (sizes, activation) or, for
 
 from __future__ import annotations
 
-import os
-import tempfile
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from handgrad.runtime import locks as folder_lock
-from handgrad.compat import CHECKPOINT_IO_TAKES_WEIGHTS_ONLY
-from handgrad.runtime.errors import CheckpointError, OutputDirError
+from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.data.normalization import STATISTICS
+from handgrad.runtime.atomic import atomic_write
+from handgrad.runtime.errors import CheckpointError
 
 ARCHITECTURE = ("sizes", "activation")  # the hyperparameters a checkpoint's weights depend on
 RESUMED_MODEL = ("loss", "lr", "momentum", "dampening", "weight_decay", "nesterov", "backprop", "optimizer")
-RESUMED_DATA = ("classes", "val_fraction", "split_seed", "batch_size", "shuffle")  # they fix every batch
-SELECTED_CKPT = "selected.ckpt"  # a sweep's selected member as a HandgradClassifier checkpoint, in its log directory
+RESUMED_DATA = CIFAR10DataModule.BATCH_OPTIONS  # they fix every batch
 WHERE = "lightning_logs/version_N/checkpoints/last.ckpt"
+# Lightning < 2.6: TorchCheckpointIO.load_checkpoint takes no `weights_only` (it loads with weights_only=False);
+# delete once the floor in pyproject.toml is 2.6
+CHECKPOINT_IO_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(TorchCheckpointIO.load_checkpoint).parameters
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,29 +48,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{path.name}."
-        _remove_dead_writers_files(path.parent, prefix)
-        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes 0600)
-            os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if is_disk_full(err):
-                raise disk_full_error(path.parent, f"writing checkpoint {path.name}") from None
-            raise
-        _fsync_dir(path.parent)
-        AtomicCheckpointIO.last_written = path
+        atomic_write(path, lambda f: torch.save(checkpoint, f), what="checkpoint")
+        AtomicCheckpointIO.last_written = Path(path)
 
-    last_written: Optional[Path] = None  # the checkpoint this process wrote last (the last good one)
+    last_written: Optional[Path] = None  # the checkpoint this process wrote last: the last good one
 
     def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         kwargs = {} if map_location is None else {"map_location": map_location}
@@ -87,63 +75,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"from another checkpoint (e.g. a best-*.ckpt beside it) or start without --ckpt_path.") from None
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err`` comes from a full disk (or quota): an OSError ENOSPC/EDQUOT in it or in what it was raised
-    while handling, e.g. torch.save's ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``,
-    raised while the file object's OSError(ENOSPC) is handled."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if folder_lock.is_disk_full(err):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def disk_full_error(folder: Optional[Path], doing: str) -> OutputDirError:
-    """'the disk holding <folder> is full ... while <doing>; the last good checkpoint is ...': what the run
-    keeps (every checkpoint is written atomically, so those on disk are whole) and how to go on."""
-    last = AtomicCheckpointIO.last_written
-    if (last is None or not last.is_file()) and folder is not None and Path(folder).is_dir():
-        saved = sorted(Path(folder).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        last = saved[-1] if saved else None
-    keep = (f"the last good checkpoint is {last} (the checkpoints on disk are intact); free some space, then resume "
-            f"with --ckpt_path {last}") if last else \
-        "no checkpoint of this run was written; free some space and start again"
-    full = folder_lock.disk_full(Path(folder), doing, None) if folder is not None else \
-        f"the disk is full (No space left on device) while {doing}"
-    return OutputDirError(f"{full}; {keep} (or write elsewhere with --trainer.default_root_dir DIR).")
-
-
-def _remove_dead_writers_files(folder: Path, prefix: str) -> None:
-    """Remove ``<prefix><pid>.*.tmp`` files of writers that no longer run (killed while writing); a live
-    process's temporary file is left alone."""
-    for stale in folder.glob(f"{prefix}*.tmp"):
-        pid = stale.name[len(prefix):].split(".")[0]
-        if pid.isdigit() and folder_lock.is_running(int(pid)):
-            continue
-        stale.unlink(missing_ok=True)
-
-
-
 def _is_local(path) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
     return isinstance(get_filesystem(path), LocalFileSystem)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class StoppedMidEpoch(Callback):
@@ -236,14 +169,14 @@ def check_resume(checkpoint: dict, config, path) -> None:
                               f"to start a new run)")
 
 
-def checkpoint_statistics(checkpoint: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The training split's (mean, std) a checkpoint holds (:mod:`handgrad.data.normalization`), or None for one written
-    before handgrad stored them."""
+def checkpoint_statistics(checkpoint: dict, path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split's (mean, std) a handgrad checkpoint holds (:mod:`handgrad.data.normalization`)."""
     state = checkpoint.get("state_dict", {})
-    mean, std = state.get("input_mean"), state.get("input_std")
-    if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()
-                                               and (std > 0).all()):
-        return None
+    mean, std = (state.get(name) for name in STATISTICS)
+    if not (isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.shape == std.shape == (3,)
+            and bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all())):
+        raise CheckpointError(f"checkpoint {path} holds no input statistics (input_mean, input_std): it was not "
+                              f"written by this version of handgrad's fit; use one that was")
     return mean, std
 
 
@@ -265,54 +198,6 @@ def evaluation_data_options(checkpoint: dict, config, typed_data: dict, path) ->
                 f"checkpoint {path} was trained on the classes {classes} (outputs 0..{len(classes) - 1} in this "
                 f"order), the options select {asked}; leave --data.classes out (the checkpoint's are then used) or "
                 f"pass --data.classes '[{', '.join(classes)}]'")
-    for key in ("val_fraction", "split_seed"):
-        if key in data and key not in typed_data:
+    for key in CIFAR10DataModule.SPLIT_OPTIONS:
+        if key != "classes" and key in data and key not in typed_data:
             config.data[key] = data[key]
-
-
-# ----------------------------------------------------------------------------- a sweep member as a checkpoint
-
-
-def selected_checkpoint(mlp, member: dict, activation: str, epoch: int, global_step: int,
-                        data_hparams: dict, sweep_info: dict, input_mean: Optional[torch.Tensor] = None,
-                        input_std: Optional[torch.Tensor] = None, class_names: Optional[list] = None) -> dict:
-    """A Lightning checkpoint (the keys Lightning writes with ``weights_only=True``) of a
-    :class:`HandgradClassifier` holding ``mlp``'s weights (their dtype kept) and ``member``'s SGD hyperparameters,
-    so that ``train.py test|validate|predict --ckpt_path`` builds the model from its ``hyper_parameters`` and
-    loads these weights. ``handgrad_sweep`` records where it came from (member, metrics, log directory).
-
-    The input contract (:mod:`handgrad.data.normalization`): ``input_mean``, ``input_std``, the training split's statistics
-    the sweep's data module normalized with (``datamodule.mean``, ``.std``), and ``class_names`` (default:
-    ``data_hparams["classes"]``). Without the statistics the checkpoint is evaluated as an old one (recomputed)."""
-    import lightning as L
-
-    from handgrad.sweep.search import HPARAMS
-    from handgrad.train.module import HandgradClassifier
-
-    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: leave the seed's stream alone
-        names = class_names if class_names is not None else data_hparams.get("classes")
-        model = HandgradClassifier(sizes=list(mlp.n_l), activation=activation, **{h: member[h] for h in HPARAMS},
-                                   class_names=None if names is None else [str(c) for c in names])
-    model.mlp.to(mlp.fc["1"].weight.dtype)
-    model.mlp.load_state_dict(mlp.state_dict())
-    if input_mean is not None and input_std is not None:  # float64, whatever the weights' dtype
-        model.input_mean = torch.as_tensor(input_mean, dtype=torch.float64).detach().cpu().clone()
-        model.input_std = torch.as_tensor(input_std, dtype=torch.float64).detach().cpu().clone()
-    return {
-        "epoch": epoch,
-        "global_step": global_step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "hparams_name": "kwargs",
-        "hyper_parameters": dict(model.hparams),
-        "datamodule_hparams_name": "kwargs",
-        "datamodule_hyper_parameters": {k: v for k, v in data_hparams.items() if k != "_instantiator"},
-        "handgrad_sweep": sweep_info,
-    }
-
-
-def save_selected(log_dir: Path, checkpoint: dict) -> Path:
-    """Write the checkpoint to ``log_dir/selected.ckpt`` atomically (as the training checkpoints are written)."""
-    path = Path(log_dir) / SELECTED_CKPT
-    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
-    return path

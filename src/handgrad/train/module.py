@@ -19,29 +19,35 @@ the step, so W processes with batch B train exactly like one process with batch 
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from handgrad.core import losses
+from handgrad.core import losses, optim
+from handgrad.core.activations import Activation
 from handgrad.core.backprop import backward
-from handgrad.train.callbacks import ClassMetrics, HparamsLogger, StepLogger
-from handgrad.train.checkpoints import StoppedMidEpoch, check_state_dict_fits
-from handgrad.data.normalization import InputContract
-from handgrad.train.epoch_metrics import EpochMetrics, WeightedMean  # noqa: F401  (WeightedMean: its old home)
 from handgrad.core.distributed import all_reduce_gradients, is_distributed, world_size
-from handgrad.runtime.errors import (ConfigError, NonFiniteLossError, SetupError, check_model_hyperparameters,  # noqa: F401
-                             check_precision, check_sizes_fit_data, check_strategy)
 from handgrad.core.mlp import MLP
+from handgrad.data.normalization import InputContract
+from handgrad.runtime.errors import ConfigError, SetupError
+from handgrad.train.callbacks import ClassMetrics, DataSamples, HparamsLogger, StepLogger
+from handgrad.train.checkpoints import StoppedMidEpoch, check_state_dict_fits
+from handgrad.train.epoch_metrics import EpochMetrics
+from handgrad.train import model_setup
 from handgrad.train.nan_guard import FiniteLossGuard
-from handgrad.core.optim import SGD
+
+
+Loss = Literal["cross_entropy", "mse"]
+Backprop = Literal["handgrad", "autograd"]  # the delta recursion of handgrad.core.backprop, or loss.backward()
+Optimizer = Literal["handgrad", "torch"]  # handgrad.core.optim.SGD, or torch.optim.SGD
 
 
 class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.LightningModule):
@@ -77,29 +83,42 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
     def __init__(
         self,
         sizes: Sequence[int] = (3072, 512, 128, 32, 2),
-        activation: str = "relu",
-        loss: Literal["cross_entropy", "mse"] = "cross_entropy",
+        activation: Activation = "relu",
+        loss: Loss = "cross_entropy",
         lr: float = 0.01,
         momentum: float = 0.9,
         dampening: float = 0.0,
         weight_decay: float = 0.001,
         nesterov: bool = False,
-        backprop: Literal["handgrad", "autograd"] = "handgrad",
-        optimizer: Literal["handgrad", "torch"] = "handgrad",
+        backprop: Backprop = "handgrad",
+        optimizer: Optimizer = "handgrad",
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         log_histograms_every_n_steps: int = 0,
         nan_check_every_n_steps: Optional[int] = None,
         class_names: Optional[list[str]] = None,
     ):
         super().__init__()
-        check_model_hyperparameters(
-            sizes=sizes, activation=activation, loss=loss, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, backprop=backprop, optimizer=optimizer,
-            log_histograms_every_n_steps=log_histograms_every_n_steps, nan_check_every_n_steps=nan_check_every_n_steps)
+        for name, value, choices in (("loss", loss, Loss), ("backprop", backprop, Backprop),
+                                     ("optimizer", optimizer, Optimizer)):  # (the command line checks them too)
+            if value not in get_args(choices):
+                raise ConfigError(f"--model.{name} must be one of {get_args(choices)}, got {value!r}")
+        # SGD's settings are checked here, not when fit builds the optimizer: a bad one then writes nothing
+        optim.check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, name=lambda k: f"--model.{k}",
+                                    error=ConfigError)
+        if not isinstance(log_histograms_every_n_steps, int) or log_histograms_every_n_steps < 0:
+            raise ConfigError(f"--model.log_histograms_every_n_steps must be >= 0 (0 = off), "
+                              f"got {log_histograms_every_n_steps!r}")
+        if nan_check_every_n_steps is not None and (not isinstance(nan_check_every_n_steps, int)
+                                                    or nan_check_every_n_steps < 1):
+            raise ConfigError(f"--model.nan_check_every_n_steps must be >= 1 or null (automatic), "
+                              f"got {nan_check_every_n_steps!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.lr_scheduler = lr_scheduler
-        self.mlp = MLP(sizes, activation)
+        try:
+            self.mlp = MLP(sizes, activation)
+        except ValueError as err:  # the network checks its sizes and activation ("sizes must ...")
+            raise ConfigError(f"--model.{err}") from None
         self.num_classes = self.mlp.n_l[-1]
         if class_names is not None and len(class_names) != self.num_classes:
             raise ConfigError(f"--model.class_names {list(class_names)} names {len(class_names)} classes, but the "
@@ -116,17 +135,13 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
         """Everything this model needs from the trainer and the data, checked before any work (Lightning calls it
         from :meth:`setup`; ``train.py`` before anything is written): the precision, the strategy, and that
         ``sizes`` fit the data's image size and number of classes. Raises :class:`SetupError` naming the fix."""
-        check_precision(trainer.precision)
         check_strategy(trainer.strategy)
-        check_sizes_fit_data(self.mlp.n_l, datamodule)
+        model_setup.preflight(trainer, datamodule, self.mlp.n_l)
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
+        model_setup.setup_model(self, self.mlp.n_l)
         datamodule = self.trainer.datamodule
-        self.preflight(self.trainer, datamodule)
-        if self.trainer.precision == "64-true":
-            # Lightning restores checkpoint weights before its precision plugin converts the module: without this,
-            # a float64 checkpoint would be copied into float32 parameters (rounded) and only then widened again.
-            self.to(torch.float64)
         self.take_input_contract(datamodule, stage)
         self.statistics_for_device(self.trainer.strategy.root_device)
 
@@ -135,25 +150,23 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
         trainer has already are left out (added once; a caller's own wins, e.g. a sweep's HparamsLogger)."""
         if self._callbacks is None:
             self._callbacks = [StepLogger(self.hparams.log_histograms_every_n_steps), ClassMetrics(), HparamsLogger(),
-                               StoppedMidEpoch()]
+                               DataSamples(), StoppedMidEpoch()]
         return [c for c in self._callbacks if not any(isinstance(t, type(c)) for t in self.trainer.callbacks)]
 
     def configure_optimizers(self):
         """The same SGD hyperparameters for the hand-written optimizer and torch.optim.SGD."""
         hp = self.hparams
-        sgd = SGD if hp.optimizer == "handgrad" else torch.optim.SGD
+        sgd = optim.SGD if hp.optimizer == "handgrad" else torch.optim.SGD
         opt = sgd(self.parameters(), lr=hp.lr, momentum=hp.momentum, dampening=hp.dampening,
                   weight_decay=hp.weight_decay, nesterov=hp.nesterov)
         return opt if self.lr_scheduler is None else {"optimizer": opt, "lr_scheduler": self.lr_scheduler(opt)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another architecture, saying which flags fit it (before Lightning copies it). A
-        checkpoint written before the statistics were stored keeps the model's own (NaN, or set from the data)."""
+        """Refuse a checkpoint of another architecture, saying which flags fit it (before Lightning copies it)."""
         try:
             path = self.trainer.ckpt_path
         except RuntimeError:  # not attached to a trainer: load_from_checkpoint
             path = None
-        self.keep_own_statistics_if_missing(checkpoint)
         check_state_dict_fits(checkpoint, self, path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -275,3 +288,12 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
 
     def on_test_epoch_end(self) -> None:
         self.log_epoch("test")
+
+
+def check_strategy(strategy) -> None:
+    """The hand-written backward and SGD step need every process to hold all parameters: one device, or data
+    parallel (ddp, ddp_spawn); not FSDP, DeepSpeed or model parallel strategies."""
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        raise SetupError(f"strategy {type(strategy).__name__} is not supported: the hand-written backward pass and SGD "
+                         f"step need every process to hold all parameters. Use one device or data parallel training "
+                         f"(--trainer.strategy ddp or ddp_spawn).")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -63,13 +63,6 @@ LAYOUT = {"train vs val": {
 
 Target = Union[TensorBoardLogger, SummaryWriter]
 HparamValue = Union[str, float, int, bool]
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    """A Markdown table (TensorBoard's Text tab and the README render it): a header row, then one row per item."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def writer_of(target: Target) -> SummaryWriter:

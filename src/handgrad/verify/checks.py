@@ -35,7 +35,7 @@ from handgrad.core import losses
 from handgrad.core.backprop import backward
 from handgrad.core.distributed import all_reduce_gradients
 from handgrad.core.mlp import MLP
-from handgrad.train import views as tensorboard_views
+from handgrad.runtime import text
 
 GRADS = ("dL_dw", "dL_db")  # the model's gradient dicts, for the parameters W^l and b^l
 INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float's bits, by its size in bytes
@@ -368,7 +368,7 @@ def text_table(rows: list[dict]) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The same table in Markdown (TensorBoard's Text tab renders it)."""
-    return tensorboard_views.markdown_table(COLUMNS, ([c.replace("|", "\\|") for c in line] for line in table_cells(rows)))
+    return text.markdown_table(COLUMNS, ([c.replace("|", "\\|") for c in line] for line in table_cells(rows)))
 
 
 def json_safe(value):

@@ -9,7 +9,7 @@
     python train.py verify --verify.optimizer mysgd.py:SGD   # another SGD against torch.optim.SGD
     python train.py verify --config lightning_logs/version_0/config.yaml --ckpt_path .../last.ckpt  # a fit's run
 
-It reads the same config and options as `fit` (configs/default.yaml, then --config, then flags) and runs, on the
+It reads the same config and options as `fit` (the reference defaults, then --config, then flags) and runs, on the
 first training batch of the configured data, the checks of :mod:`handgrad.verify.checks`: gradients against
 autograd (float64 and the configured precision), finite differences, the SGD step against torch.optim.SGD
 (bitwise), optionally N training steps, and on several processes the all-reduced gradient. The report is printed,
@@ -36,9 +36,11 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from tqdm import tqdm
 
+from handgrad.core.mlp import MLP, check_sizes
+from handgrad.runtime.errors import CheckpointError, ConfigError
 from handgrad.train.checkpoints import load_for_checks
-from handgrad.train.cli import DEFAULT_CONFIG, HandgradCLI, check_config_files, exit_on_user_error
-from handgrad.runtime.errors import CheckpointError, ConfigError, check_sizes_fit_data
+from handgrad.train.cli import HandgradCLI, check_config_files
+from handgrad.train.model_setup import check_sizes_fit_data
 from handgrad.verify.checks import (Row, autograd_gradients, check_autograd, check_data_parallel,
                                     check_finite_differences, check_sgd, check_training, copy_of, course_subject,
                                     dtype_name, first_failure, json_safe, markdown_table, parameters, reference_subject,
@@ -96,11 +98,6 @@ class VerifyCLI(HandgradCLI):
     def __init__(self, args=None):
         super().__init__(args=args, run=False, description=__doc__)
 
-    def init_parser(self, **kwargs):
-        # HandgradCLI names configs/default.yaml per subcommand; without subcommands it is the main parser's
-        kwargs.setdefault("default_config_files", [str(DEFAULT_CONFIG)])
-        return super().init_parser(**kwargs)
-
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)  # --checkpoint.*, --last_checkpoint.*: a fit's config.yaml reads as is
         parser.add_class_arguments(VerifyOptions, "verify")
@@ -121,8 +118,11 @@ def check_options(opts: VerifyOptions) -> None:
         if not (math.isfinite(value) and value >= (0 if key.startswith("tol") else 1e-300)):
             raise ConfigError(f"--verify.{key} must be a finite number {'>= 0' if key.startswith('tol') else '> 0'}, "
                               f"got {value}")
-    if opts.sizes is not None and (len(opts.sizes) < 2 or min(opts.sizes) < 1):
-        raise ConfigError(f"--verify.sizes must list at least two positive layer widths, got {opts.sizes}")
+    if opts.sizes is not None:
+        try:
+            check_sizes(opts.sizes)
+        except ValueError as err:
+            raise ConfigError(f"--verify.{err}") from None
 
 
 def load_object(spec: str, flag: str):
@@ -154,8 +154,6 @@ def build_subject(opts: VerifyOptions, hp: dict, ckpt_path: Optional[str] = None
         return load_weights(subject, ckpt_path) if ckpt_path else subject
     backprop = load_object(opts.backprop or "handgrad.core.backprop:backpropagation", "--verify.backprop")
     if opts.model is None:
-        from handgrad.core.mlp import MLP
-
         model, name = MLP(sizes, hp["activation"]), f"MLP {sizes} {hp['activation']}"
     else:
         cls = load_object(opts.model, "--verify.model")
@@ -369,8 +367,3 @@ def main(args: Optional[list[str]] = None) -> Optional[dict]:
         print(f"verify: FAILED at {report['first_failure']}", file=sys.stderr)
         sys.exit(1)
     return report
-
-
-if __name__ == "__main__":  # python -m handgrad.verify.cli ...
-    with exit_on_user_error():
-        main()
