@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.data.images import ImageFiles, load
 from handgrad.runtime import disk, run_folders
 from handgrad.runtime.errors import ConfigError, HandgradError
 from handgrad.train.callbacks import add_lr_monitor
@@ -249,8 +250,6 @@ class HandgradCLI(LightningCLI):
     def before_predict(self) -> None:
         """`predict --predict.images PATH`: the images replace the data module (the model normalizes them with its
         checkpoint's statistics: no CIFAR-10 data is read); else the test split, written to predictions.csv."""
-        from handgrad.data.images import ImageFiles, load
-
         images = (self.config["predict"].get("predict") or {}).get("images")
         if not images:
             self.before_validate()

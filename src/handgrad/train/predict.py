@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from handgrad.data.images import SIZE
 from handgrad.train.callbacks import tensorboard
@@ -113,9 +115,6 @@ def table(files: list[str], predicted: list[str], probs: Tensor, names: Sequence
 def prediction_grid(images: Tensor, titles: Sequence[str], scale: int = 3, per_row: int = 8) -> Tensor:
     """The uint8 images (N, 3, 32, 32), each enlarged ``scale`` times (nearest: the model's pixels) with its title
     written under it, in rows of ``per_row``: one RGB uint8 image (3, H, W)."""
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-
     font = ImageFont.load_default()
     side, text_h, pad = SIZE[0] * scale, 14, 4
     cols, rows = min(per_row, len(images)), -(-len(images) // per_row)

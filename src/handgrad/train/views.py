@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image, ImageDraw, ImageFont
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 # The HPARAMS tab's metrics, in the order of its columns, each with what it means. TensorBoard shows the first five
 # by default, and its parallel coordinates draw only the runs that have a value in every shown column: hp/test_acc
@@ -199,7 +201,6 @@ def log_hparams(target: Target, params: Mapping[str, HparamValue], metrics: Mapp
 
 def font(size: int):
     """A TrueType font at ``size`` px: Pillow's bundled one (Pillow >= 10.1), so text stays sharp at any size."""
-    from PIL import ImageFont
     return ImageFont.load_default(size=size)
 
 
@@ -207,9 +208,6 @@ def confusion_matrix_image(cm: Tensor, class_names: Sequence[str]) -> Tensor:
     """The confusion matrix as an RGB uint8 image (3, H, W), at least 400 px wide: rows are the true class and
     columns the predicted one, both named; each cell holds its count (black) and its share of the row, shaded from
     white to light blue by that share."""
-    from PIL import Image, ImageDraw
-    import torchvision
-
     cm = cm.cpu().long()
     k = cm.shape[0]
     share = cm.double() / cm.sum(1, keepdim=True).clamp_min(1)
@@ -231,22 +229,19 @@ def confusion_matrix_image(cm: Tensor, class_names: Sequence[str]) -> Tensor:
             draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=color, outline=(150, 150, 150))
             draw.text((x0 + cell / 2, y0 + cell / 2), str(int(cm[i, j])), fill="black", font=big, anchor="mb")
             draw.text((x0 + cell / 2, y0 + cell / 2 + 4), f"{100 * s:.1f}%", fill=(60, 60, 60), font=small, anchor="mt")
-    return torchvision.transforms.functional.pil_to_tensor(img)
+    return pil_to_tensor(img)
 
 
 def labelled_grid(grid: Tensor, class_names: Sequence[str], scale: int = 2, padding: int = 2) -> Tensor:
     """The example grid (3, H, W) uint8, one row of images per class (torchvision's make_grid with ``padding``),
     enlarged ``scale`` times (each pixel a block: no blur) behind a column holding each row's class name."""
-    from PIL import Image, ImageDraw
-    import torchvision
-
     image = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     f = font(20)  # (TensorBoard's cards show the image about 0.6 times its size)
     left = max(int(f.getlength(n)) for n in class_names) + 16
     row = (grid.shape[1] - padding) / len(class_names) * scale  # a row: padding, then the images
     img = Image.new("RGB", (left + image.shape[2], image.shape[1]), "white")
-    img.paste(torchvision.transforms.functional.to_pil_image(image), (left, 0))
+    img.paste(to_pil_image(image), (left, 0))
     draw = ImageDraw.Draw(img)
     for k, name in enumerate(class_names):
         draw.text((left - 8, k * row + (row + padding * scale) / 2), name, fill="black", font=f, anchor="rm")
-    return torchvision.transforms.functional.pil_to_tensor(img)
+    return pil_to_tensor(img)
