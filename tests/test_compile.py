@@ -74,7 +74,9 @@ def addresses(model) -> dict:
     out = {f"param {n}": p.data_ptr() for n, p in model.named_parameters()}
     out.update({f"grad {n}": p.grad.data_ptr() for n, p in model.named_parameters()})
     out.update({f"buffer {n}": opt.state[p]["momentum_buffer"].data_ptr() for n, p in model.named_parameters()})
-    out.update({f"work {n}": opt._scratch[p].data_ptr() for n, p in model.named_parameters()})
+    out.update({f"member steps {n}": opt.state[p]["member_step"].data_ptr() for n, p in model.named_parameters()})
+    out.update({f"work {n} {i}": w.data_ptr() for n, p in model.named_parameters()
+                for i, w in enumerate(opt.work_tensors(p))})
     out.update({f"hp {k}": v.data_ptr() for hp in opt._hp_cache.values() for k, v in hp.items()})
     out.update({n: b.data_ptr() for n, b in model.named_buffers()})
     out.update({f"sums {i}": t.data_ptr() for i, t in enumerate(model._sums["train"])})

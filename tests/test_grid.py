@@ -483,15 +483,13 @@ def test_checkpoint_holds_momentum_buffers_and_resume_is_exact(tmp_path):
     assert resumed.history["train_loss"] == full.history["train_loss"]
 
 
-def test_unsupported_precision_and_class_mismatch_are_explained():
+def test_class_mismatch_is_explained():
     class TwoClasses(TensorData):
         class_names = ["a", "b"]
 
     model = GridClassifier(members=MEMBERS[:2], sizes=SIZES, init_seed=SEED)
     with pytest.raises(ValueError, match="sizes"):
         trainer(1).fit(model, datamodule=TwoClasses())
-    with pytest.raises(ValueError, match="precision"):
-        trainer(1, precision="bf16-mixed").fit(model, datamodule=TensorData())
 
 
 def test_several_processes_are_refused_with_the_sweep_as_the_way():

@@ -169,7 +169,7 @@ BAD_OPTIONS = [  # (options, what the one-line error must say)
                                     "3072 values per image; set --model.sizes '[3072, 2]'"),
     (["--model.sizes", "[3072, 16, 3]"],
      "the data has 2 classes ['airplane', 'bird']; set --model.sizes '[3072, 16, 2]'"),
-    (["--trainer.precision", "bf16-mixed"], "--trainer.precision bf16-mixed is not supported"),
+    (["--trainer.precision", "transformer-engine"], "--trainer.precision transformer-engine is not supported"),
     (["--sequential", "--model.init_seed", "null"], "--sequential needs --model.init_seed"),
     (["--sequential", "--select", "best_epoch"], "--sequential keeps only the last ones"),
     (["--model.members_per_step", "0"], "--model.members_per_step must be >= 1"),

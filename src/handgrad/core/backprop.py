@@ -10,6 +10,10 @@ g = dL/da^L given by the loss, for a batch of N rows:
 
 The batch sum lives inside the matrix product, so a "mean" loss is handled by the
 1/N already in g.
+
+Mixed precision (the forward ran in a compute dtype c, see :mod:`handgrad.core.mlp`): the recursion runs in c from
+c(g), with the W^l_c the forward used, and dL/dW^l, dL/db^l are written in the parameters' dtype (float32), as
+autograd's gradients of ``torch.autocast`` are.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def backward(model, grad_output: Tensor, *, write_grad: bool = True) -> None:
     shared), the same lines compute every member's gradients: the matrix products batch over k.
     """
     L = model.L
+    weights = getattr(model, "w", None) or {}  # (a course-style model has no such cache: its fc weights, as used)
     if isinstance(model.z, dict) and L not in model.z:
         raise RuntimeError("backward() needs the cached activations: call model(x) first")
     if grad_output.shape != model.a[L].shape:
@@ -40,7 +45,8 @@ def backward(model, grad_output: Tensor, *, write_grad: bool = True) -> None:
             f"grad_output has shape {tuple(grad_output.shape)}, the network output a[L] has {tuple(model.a[L].shape)}"
         )
     single = grad_output.dim() == 1  # one sample: treat as a batch of one
-    delta = grad_output * model.df[L](model.z[L])
+    z_L = model.z[L]
+    delta = grad_output.to(z_L.dtype) * model.df[L](z_L)
     if single:
         delta = delta[None]
     for l in range(L, 0, -1):
@@ -50,13 +56,23 @@ def backward(model, grad_output: Tensor, *, write_grad: bool = True) -> None:
         elif a_prev.dim() > delta.dim():  # an input cached unflattened, e.g. (N, 3, 32, 32)
             a_prev = a_prev.flatten(delta.dim() - 1)
         layer = model.fc[str(l)]
-        into_w = grad_buffer(layer.weight) if write_grad else None  # None: a new tensor
-        into_b = grad_buffer(layer.bias) if write_grad and layer.bias is not None else None
-        model.dL_dw[l] = torch.matmul(delta.transpose(-2, -1), a_prev, out=into_w)
-        model.dL_db[l] = torch.sum(delta, -2, out=into_b)
+        model.dL_dw[l] = gradient(layer.weight, write_grad, torch.matmul, delta.transpose(-2, -1), a_prev)
+        model.dL_db[l] = gradient(layer.bias, write_grad, torch.sum, delta, -2)
         if l > 1:
             z_prev = model.z[l - 1]
-            delta = (delta @ layer.weight) * model.df[l - 1](z_prev[None] if single else z_prev)
+            w = weights.get(l, layer.weight)  # W^l as the forward used it
+            delta = (delta @ w) * model.df[l - 1](z_prev[None] if single else z_prev)
+
+
+def gradient(p: Tensor | None, write_grad: bool, op, *args) -> Tensor:
+    """``op(*args)``, the gradient of parameter p: into ``p.grad`` (overwritten) when ``write_grad``, else a new
+    tensor; in p's dtype (the product may run in a lower one: mixed precision). A missing p (no bias): op's."""
+    if p is None:
+        return op(*args)
+    into = grad_buffer(p) if write_grad else None
+    if args[0].dtype == p.dtype:
+        return op(*args, out=into)
+    return into.copy_(op(*args)) if into is not None else op(*args).to(p.dtype)
 
 
 def grad_buffer(p: Tensor) -> Tensor:

@@ -67,8 +67,10 @@ class GridMLP(nn.Module):
         self.activation, self.output_activation = activation, output_activation
         self.fc = nn.ModuleDict({str(l): StackedLinear(self.K, sizes[l - 1], sizes[l]) for l in range(1, self.L + 1)})
         self.f, self.df = activations.per_layer(self.L, activation, output_activation)
+        self.compute_dtype: Optional[torch.dtype] = None  # mixed precision, as in MLP
         self.a: dict[int, Tensor] = {}
         self.z: dict[int, Tensor] = {}
+        self.w: dict[int, Tensor] = {}
         self.dL_dw: dict[int, Tensor] = {}
         self.dL_db: dict[int, Tensor] = {}
 
@@ -107,15 +109,18 @@ class GridMLP(nn.Module):
         if a0.shape[1] != self.n_l[0]:
             raise ValueError(
                 f"input has {a0.shape[1]} features per sample (shape {tuple(x.shape)}), the network expects n_0 = {self.n_l[0]}")
-        ks = slice(None) if member is None else slice(member, member + 1)
-        self.a = {0: a0}
-        self.z = {}
+        c = self.compute_dtype
+        a0 = a0 if c is None else a0.to(c)
+        self.a, self.z, self.w = {0: a0}, {}, {}
         a = a0.expand(self.K if member is None else 1, *a0.shape)
         for l in range(1, self.L + 1):
             layer = self.fc[str(l)]
-            z = torch.baddbmm(layer.bias[ks, None], a, layer.weight[ks].transpose(1, 2))
+            w, b = (layer.weight, layer.bias) if member is None else \
+                (layer.weight[member:member + 1], layer.bias[member:member + 1])
+            w, b = (w, b) if c is None else (w.to(c), b.to(c))
+            z = torch.baddbmm(b[:, None], a, w.transpose(1, 2))
             a = self.f[l](z)
-            self.z[l], self.a[l] = z, a
+            self.w[l], self.z[l], self.a[l] = w, z, a
         return a
 
 
@@ -135,32 +140,30 @@ class GridSGD(Optimizer):
     """SGD of :mod:`handgrad.core.optim` with one set of hyperparameters per member.
 
     Every parameter has the member axis first (K, ...). With per-member γ_k (lr), μ_k (momentum),
-    τ_k (dampening), λ_k (weight decay), ν_k (nesterov):
+    τ_k (dampening), λ_k (weight decay), ν_k (nesterov), for the members that step (``mask``):
 
         g_t = g_t + λ p_{t-1}
-        b_t = g_t                              at the first step
+        b_t = g_t                              at the member's first step
         b_t = μ b_{t-1} + (1 - τ) g_t          after that
         d_t = g_t + μ b_t  where ν,  b_t elsewhere (and g_t where μ = 0: plain SGD, no buffer)
-        p_t = p_{t-1} - γ d_t                  where alive,  p_{t-1} where not (a frozen member)
+        p_t = p_{t-1} - γ d_t
+
+    and the others keep p and b (a member frozen after a non-finite loss, or one whose scaled gradients overflowed:
+    :mod:`handgrad.core.loss_scale`). ``state[p]["member_step"]`` counts each member's steps.
 
     Two memory layouts, as :mod:`handgrad.core.optim` has two paths:
 
-    - per member (:func:`member_sgd`, the default on a CPU): for k = 0..K-1 the slices ``p[k]`` are updated by
-      :func:`handgrad.core.optim.single_tensor_sgd` with member k's hyperparameters as Python numbers (bitwise equal
-      to torch.optim.SGD). One member's slices stay in the CPU cache through all the operations,
-      where a pass over the whole stacked (K, 512, 3072) tensor per operation would go to main memory each
-      time (measured: 5x slower). Frozen members are skipped, which reads ``alive`` on the host: free on a CPU.
-    - stacked (:func:`stacked_sgd`, the default on accelerators): each line is one operation on the whole
-      (K, ...) tensor with the hyperparameters as (K, 1, 1) tensors, ``alive`` used on the device through
-      ``torch.where`` (so a NaN update cannot leak in): a few kernels per parameter, no host synchronisation,
-      capturable in a CUDA graph. For μ = 0 it computes b_t = 0·b_{t-1} + 1·g_t = g_t, i.e. plain SGD
-      (hence τ' = τ where μ != 0 and 0 where μ = 0), and λ = 0 adds 0·p = 0.
+    - per member (:func:`member_sgd`, the default on a CPU): for each stepping member k the slices ``p[k]`` are
+      updated by :func:`handgrad.core.optim.single_tensor_sgd` with member k's hyperparameters as Python numbers
+      (bitwise equal to torch.optim.SGD).
+    - stacked (:func:`stacked_sgd`, the default on accelerators): each line is one operation on the whole (K, ...)
+      tensor with the hyperparameters as (K, 1, 1) tensors and the mask used on the device through ``torch.where``
+      (a NaN update cannot leak in). For μ = 0 it computes b_t = 0·b_{t-1} + 1·g_t = g_t, i.e. plain SGD (hence
+      τ' = τ where μ != 0 and 0 where μ = 0), and λ = 0 adds 0·p = 0.
 
-    The buffers (``state[p]["momentum_buffer"]``, (K, ...)) are saved in checkpoints with the optimizer state;
-    the hyperparameters are plain lists in the param group (saved as well). ``per_member``: None chooses by
-    device as above; True or False forces a layout (both give the same numbers up to rounding).
-
-    ``step(alive=mask)`` takes a (K,) boolean tensor: members where it is False keep their parameters unchanged.
+    The buffers and step counts are saved in checkpoints with the optimizer state; the hyperparameters are plain
+    lists in the param group (saved as well). ``per_member``: None chooses by device as above; True or False forces
+    a layout (both give the same numbers up to rounding).
     """
 
     def __init__(self, params, lr: Sequence[float], momentum: Sequence[float], dampening: Sequence[float],
@@ -182,9 +185,9 @@ class GridSGD(Optimizer):
                                      f"{tuple(p.shape)}")
         self.per_member = per_member
         self._hp_cache: dict = {}
-        self._scratch: dict = {}  # one work tensor per parameter, reused every step (not state: not saved)
+        self._scratch: dict = {}  # two work tensors per parameter, reused every step (not state: not saved)
 
-    def _member_tensors(self, group: dict, like: Tensor) -> dict[str, Tensor]:
+    def member_tensors(self, group: dict, like: Tensor) -> dict[str, Tensor]:
         """The group's hyperparameters as (K, 1, 1) tensors on ``like``'s device and dtype (built once)."""
         key = (like.device, like.dtype, *(tuple(group[k]) for k in HYPERPARAMETERS))
         if key not in self._hp_cache:
@@ -195,19 +198,28 @@ class GridSGD(Optimizer):
             self._hp_cache[key] = {k: v.to(like.device) for k, v in t.items()}
         return self._hp_cache[key]
 
-    def _work_tensor(self, p: Tensor) -> Tensor:
+    def work_tensors(self, p: Tensor) -> tuple[Tensor, Tensor]:
         d = self._scratch.get(p)
-        if d is None or d.shape != p.shape or d.dtype != p.dtype or d.device != p.device:
-            d = self._scratch[p] = torch.empty_like(p)
+        if d is None or d[0].shape != p.shape or d[0].dtype != p.dtype or d[0].device != p.device:
+            d = self._scratch[p] = (torch.empty_like(p), torch.empty_like(p))
         return d
+
+    def buffers(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Each parameter's momentum buffer (K, ...) and per-member step count (K,), made (zero) at the first call."""
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                self.state[p]["member_step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        return ([self.state[p]["momentum_buffer"] for p in params], [self.state[p]["member_step"] for p in params])
 
     @torch.no_grad()
     def step(self, closure=None, alive: Optional[Tensor] = None, run=None):
-        """One update of every parameter with a gradient (rule in the class docstring).
+        """One update of every parameter with a gradient (rule in the class docstring); ``alive``: the (K,) mask
+        of the members that step (None: all).
 
         ``run``: a callable that already performs the whole training step, this update included (a captured CUDA
-        graph or a compiled function, see :class:`GridClassifier`); ``step`` then only calls it, so that a caller
-        (Lightning) still sees and counts an optimizer step."""
+        graph or a compiled function, see :class:`handgrad.sweep.fused.FusedStep`); ``step`` then only calls it, so
+        that a caller (Lightning) still sees and counts an optimizer step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -219,60 +231,60 @@ class GridSGD(Optimizer):
         return loss
 
     @torch.no_grad()
-    def update(self, alive: Optional[Tensor] = None) -> None:
-        """The update itself, in the layout ``per_member`` asks for (the first call creates the buffers)."""
+    def update(self, mask: Optional[Tensor] = None) -> None:
+        """The update itself, in the layout ``per_member`` asks for."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            first = [self.state[p].get("momentum_buffer") is None for p in params]
-            if any(first):  # the buffers are created once, zero; the first step writes b_1 = g into them
-                for p, new in zip(params, first):
-                    if new:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            bufs, steps = self.buffers(params)
             per_member = self.per_member if self.per_member is not None else all(p.is_cpu for p in params)
             if per_member:
-                member_sgd(params, bufs, group, alive=None if alive is None else alive.tolist(), first=first)
+                member_sgd(params, bufs, steps, group, mask=None if mask is None else mask.tolist())
             else:
-                scratch = [self._work_tensor(p) for p in params]
-                stacked_sgd(params, bufs, scratch, self._member_tensors(group, params[0]), alive=alive,
-                             first=first, any_nesterov=any(group["nesterov"]))
+                stacked_sgd(params, bufs, steps, [self.work_tensors(p) for p in params],
+                            self.member_tensors(group, params[0]), mask=mask, any_nesterov=any(group["nesterov"]))
 
 
-def member_sgd(params, bufs, group: dict, *, alive: Optional[list], first: list) -> None:
+def member_sgd(params, bufs, steps, group: dict, *, mask: Optional[list]) -> None:
     """The rule member by member (the CPU layout): :func:`handgrad.core.optim.single_tensor_sgd`, torch.optim.SGD's
     single-tensor path, on member k's slices p[k] with member k's hyperparameters as Python numbers."""
-    for k in range(params[0].shape[0]):
-        if alive is not None and not alive[k]:
-            continue  # a frozen member: parameters and buffers untouched
-        member_bufs = [None if new else b[k] for b, new in zip(bufs, first)]  # None: the first step makes it
+    started = [s.tolist() for s in steps]
+    stepping = [k for k in range(params[0].shape[0]) if mask is None or mask[k]]  # the others: p, b untouched
+    for k in stepping:
+        member_bufs = [b[k] if s[k] else None for b, s in zip(bufs, started)]  # None: this step makes it (b_1 = g)
         single_tensor_sgd([p[k] for p in params], [p.grad[k] for p in params], member_bufs,
-                           lr=group["lr"][k], momentum=group["momentum"][k], dampening=group["dampening"][k],
-                           weight_decay=group["weight_decay"][k], nesterov=group["nesterov"][k], maximize=False)
-        if group["momentum"][k] != 0:
-            for b, made, new in zip(bufs, member_bufs, first):
-                if new:
-                    b[k].copy_(made)  # b_1 = g, into the stacked buffer
+                          lr=group["lr"][k], momentum=group["momentum"][k], dampening=group["dampening"][k],
+                          weight_decay=group["weight_decay"][k], nesterov=group["nesterov"][k], maximize=False)
+        for b, made, s in zip(bufs, member_bufs, started):
+            if not s[k] and group["momentum"][k] != 0:
+                b[k].copy_(made)  # b_1 = g, into the stacked buffer
+    for count in steps:
+        count[stepping] += 1
 
 
-def stacked_sgd(params, bufs, scratch, hp: dict, *, alive: Optional[Tensor], first: list, any_nesterov: bool) -> None:
+def stacked_sgd(params, bufs, steps, scratch, hp: dict, *, mask: Optional[Tensor], any_nesterov: bool) -> None:
     """The rule on whole (K, ...) tensors, hyperparameters as (K, 1, 1) tensors (the accelerator layout); every
-    full-size operation writes into the buffer or the work tensor ``d`` (``out=``): no allocation per step."""
-    for p, buf, d, new in zip(params, bufs, scratch, first):
+    full-size operation writes into a buffer or the work tensors ``d``, ``e`` (``out=``): no allocation per step."""
+    for p, buf, count, (d, e) in zip(params, bufs, steps, scratch):
         shape = (-1,) + (1,) * (p.dim() - 1)
         lr_neg, mu, wd = (hp[k].view(shape) for k in ("lr_neg", "momentum", "weight_decay"))
+        steps_ = mask.view(shape) if mask is not None else None
         torch.addcmul(p.grad, wd, p, out=d)  # g = g + λ p
-        if new:
-            buf.copy_(d)  # b_1 = g
+        torch.mul(buf, mu, out=e).addcmul_(hp["one_minus_dampening"].view(shape), d)  # μ b + (1 - τ') g
+        torch.where((count > 0).view(shape), e, d, out=e)  # b_1 = g at a member's first step
+        if steps_ is None:
+            buf.copy_(e)
         else:
-            buf.mul_(mu).addcmul_(hp["one_minus_dampening"].view(shape), d)  # b = μ b + (1 - τ') g
+            torch.where(steps_, e, buf, out=buf)
         if any_nesterov:
             torch.where(hp["nesterov"].view(shape), d.addcmul_(mu, buf), buf, out=d)  # d = g + μ b | b
-            torch.addcmul(p, lr_neg, d, out=d)  # p - γ d
+            torch.addcmul(p, lr_neg, d, out=e)  # p - γ d
         else:
-            torch.addcmul(p, lr_neg, buf, out=d)  # p - γ b
-        if alive is None:
-            p.copy_(d)
+            torch.addcmul(p, lr_neg, buf, out=e)  # p - γ b
+        if steps_ is None:
+            p.copy_(e)
+            count.add_(1)
         else:
-            torch.where(alive.view(shape), d, p, out=p)
+            torch.where(steps_, e, p, out=p)
+            count.add_(mask.to(count.dtype))

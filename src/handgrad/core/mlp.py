@@ -8,6 +8,14 @@ For l = 1..L (L weight layers, sizes n_0, n_1, ..., n_L):
 
 ``forward`` keeps every ``a[l]`` and ``z[l]`` so that :func:`handgrad.core.backprop.backward`
 can run the delta recursion without autograd.
+
+Mixed precision (``compute_dtype`` c, e.g. bfloat16; the parameters stay float32, the master weights): the
+products run in c on rounded copies, as ``torch.autocast`` would run them,
+
+    a^0_c = c(x),   W^l_c = c(W^l),   b^l_c = c(b^l)
+    z^l = a^{l-1}_c W^l_c^T + b^l_c,   a^l = f_l(z^l)     (in c; the loss takes c(a^L) in float32)
+
+and ``w[l]`` keeps W^l_c for the backward pass (the same tensor as W^l when c is None).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from handgrad.core import activations
@@ -36,7 +45,8 @@ class MLP(nn.Module):
         L: number of weight layers.  n_l: the layer sizes [n_0, ..., n_L].
         fc: ``nn.ModuleDict`` with keys "1".."L", ``fc[str(l)]`` an ``nn.Linear(n_{l-1}, n_l)``.
         f, df: dicts l -> activation of layer l and its derivative (w.r.t. z^l).
-        a, z: dicts filled by ``forward``: a[0..L], z[1..L].
+        a, z, w: dicts filled by ``forward``: a[0..L], z[1..L], and w[1..L] the weights as it used them.
+        compute_dtype: the dtype of the products (None: the parameters'); set by the trainer's mixed precision.
         dL_dw, dL_db: dicts filled by a backward pass: gradients of W^l and b^l.
     """
 
@@ -49,8 +59,10 @@ class MLP(nn.Module):
         self.output_activation = output_activation
         self.fc = nn.ModuleDict({str(l): nn.Linear(sizes[l - 1], sizes[l]) for l in range(1, self.L + 1)})
         self.f, self.df = activations.per_layer(self.L, activation, output_activation)
+        self.compute_dtype: torch.dtype | None = None
         self.a: dict[int, Tensor] = {}
         self.z: dict[int, Tensor] = {}
+        self.w: dict[int, Tensor] = {}
         self.dL_dw: dict[int, Tensor] = {}
         self.dL_db: dict[int, Tensor] = {}
 
@@ -62,11 +74,14 @@ class MLP(nn.Module):
             raise ValueError(
                 f"input has {a.shape[1]} features per sample (shape {tuple(x.shape)}), the network expects n_0 = {self.n_l[0]}"
             )
-        self.a[0] = a
+        c = self.compute_dtype
+        self.a[0] = a = a if c is None else a.to(c)
         for l in range(1, self.L + 1):
-            z = self.fc[str(l)](a)
+            layer = self.fc[str(l)]
+            w, b = (layer.weight, layer.bias) if c is None else (layer.weight.to(c), layer.bias.to(c))
+            z = F.linear(a, w, b)
             a = self.f[l](z)
-            self.z[l], self.a[l] = z, a
+            self.w[l], self.z[l], self.a[l] = w, z, a
         return a
 
     def extra_repr(self) -> str:

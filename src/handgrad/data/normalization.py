@@ -17,9 +17,9 @@ alone classifies a raw image:
 
 The statistics are float64, as the data module computes them (exactly, from the pixel histogram) and normalizes
 with them: an evaluation from the checkpoint normalizes bitwise as training did, in float32 as in float64. (float32
-statistics would round them, and the training images would have to be normalized with the rounded values.) The
-model's ``.to(dtype)`` casts them like any buffer; on a device without float64 (Apple's MPS) they are made float32
-when the trainer sets the model up. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown").
+statistics would round them, and the training images would have to be normalized with the rounded values.) They
+keep float64 when the weights become bfloat16 or float16 (``*-true`` precisions); on a device without float64
+(Apple's MPS) they are float32. Until fit sets them they are 0 (a std of 0 cannot normalize: "unknown").
 """
 
 from __future__ import annotations
@@ -101,12 +101,16 @@ class InputContract:
                               f"{self.input_std.tolist()}); call datamodule.use_statistics(model.input_mean, "
                               f"model.input_std) before its setup")
 
-    def statistics_for_device(self, device: torch.device) -> None:
-        """Apple's MPS has no float64: there the statistics are kept in float32 (called from ``setup``, before the
-        trainer moves the model)."""
-        if device.type == "mps":
-            for name in STATISTICS:
-                setattr(self, name, getattr(self, name).float())
+    def _apply(self, fn, recurse: bool = True):
+        """The statistics keep their float64 (exact) whatever dtype ``.to()``, ``.half()`` or a precision plugin gives
+        the weights; only their device follows (as float32 on Apple's MPS, which has no float64). nn.Module's
+        ``_apply`` is private, but every such call goes through it; tests/test_precision.py fails if it does not."""
+        kept = [getattr(self, name) for name in STATISTICS]
+        super()._apply(fn, recurse)
+        device = next(self.parameters()).device
+        for name, value in zip(STATISTICS, kept):
+            setattr(self, name, value.to(device, torch.float32 if device.type == "mps" else value.dtype))
+        return self
 
     def normalize_input(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, 32, 32) normalized with the stored statistics, in the dtype of the model's weights."""

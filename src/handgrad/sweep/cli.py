@@ -20,7 +20,7 @@ from handgrad.runtime.errors import ConfigError, HandgradError, SetupError
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import RULES
 from handgrad.train.cli import SEED, TRAINER_DEFAULTS, HandgradArgumentParser, RunLogger, logs_under_default_root_dir
-from handgrad.train.model_setup import preflight
+from handgrad.train.model_setup import check_precision, preflight
 
 class SweepModel:
     """The ``--model`` options of a sweep: the search (:func:`handgrad.sweep.search.expand_grid`) and the network.
@@ -85,7 +85,9 @@ class SweepCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """``--trainer.default_root_dir DIR``: the sweep logs under DIR/lightning_logs/sweep/ (as Lightning's own
-        default logger writes under default_root_dir), unless a logger save_dir is given."""
+        default logger writes under default_root_dir), unless a logger save_dir is given. The precision is checked
+        as typed, before Lightning builds a Trainer with it."""
+        check_precision(self.config.trainer.precision)
         logs_under_default_root_dir(self.config, "lightning_logs")
 
     def instantiate_classes(self) -> None:

@@ -31,7 +31,7 @@ class FusedStep:
 
     def __init__(self, model: "GridClassifier", mode: str):
         self.model, self.mode = model, mode
-        self.plan: Optional[list] = None  # per param group: (params, bufs, scratch, hp tensors, any_nesterov)
+        self.plan: Optional[list] = None  # per param group: (params, bufs, steps, scratch, hp tensors, any_nesterov)
         self._addresses: list = []  # where every tensor the step touches was when the plan was made
         self.compiled = None
         self.graphs: dict = {}  # batch shape -> (graph, static x, static y) or the count of warm-up steps done
@@ -41,11 +41,11 @@ class FusedStep:
         """The optimizer's tensors, gathered once (the compiled function and the graphs see plain lists); gathered
         again, and the graphs dropped, when any tensor the step touches has moved (a checkpoint loaded into the
         optimizer, the model moved to another device and back between two fits, ...)."""
-        plan = [([p for p in g["params"]], [opt.state[p]["momentum_buffer"] for p in g["params"]],
-                 [opt._work_tensor(p) for p in g["params"]], opt._member_tensors(g, g["params"][0]),
-                 any(g["nesterov"])) for g in opt.param_groups]
+        plan = [(list(g["params"]), *opt.buffers(list(g["params"])), [opt.work_tensors(p) for p in g["params"]],
+                 opt.member_tensors(g, g["params"][0]), any(g["nesterov"])) for g in opt.param_groups]
         m = self.model
-        tensors = [t for params, bufs, scratch, hp, _ in plan for t in (*params, *bufs, *scratch, *hp.values())]
+        tensors = [t for params, bufs, steps, scratch, hp, _ in plan
+                   for t in (*params, *bufs, *steps, *(w for pair in scratch for w in pair), *hp.values())]
         tensors += [p.grad for params, *_ in plan for p in params]
         tensors += [*m.buffers(), *m._sums["train"]]
         addresses = [(t.device, t.data_ptr()) for t in tensors]
@@ -57,10 +57,10 @@ class FusedStep:
     def _step(self, x: Tensor, y: Tensor) -> None:
         m = self.model
         with torch.no_grad():
-            m._train_math(x, y)
-            for params, bufs, scratch, hp, any_nesterov in self.plan:
-                stacked_sgd(params, bufs, scratch, hp, alive=m.alive, first=[False] * len(params),
-                             any_nesterov=any_nesterov)
+            stepping, found = m._train_math(x, y)
+            for params, bufs, steps, scratch, hp, any_nesterov in self.plan:
+                stacked_sgd(params, bufs, steps, scratch, hp, mask=stepping, any_nesterov=any_nesterov)
+            m._after_step(found)
 
     def runner(self, opt: GridSGD, x: Tensor, y: Tensor):
         """A callable doing this step (for ``GridSGD.step(run=...)``), or None: take an eager step instead

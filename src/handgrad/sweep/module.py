@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 
 from handgrad.core.grid import GridMLP, GridSGD, grid_backward
+from handgrad.core.loss_scale import unscale_, update_scale_
 from handgrad.core.losses import cross_entropy
 from handgrad.core.mlp import MLP
 from handgrad.core.optim import HYPERPARAMETERS
@@ -25,7 +26,7 @@ from handgrad.sweep.fused import COMPILE_MODES, FusedStep
 from handgrad.sweep.outcome import METRICS, STEPS
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import is_better
-from handgrad.train.model_setup import setup_model
+from handgrad.train.model_setup import scaler_settings, setup_model
 
 
 
@@ -109,6 +110,10 @@ class GridClassifier(L.LightningModule):
         self.register_buffer("alive", torch.ones(self.K, dtype=torch.bool))
         self.register_buffer("failed_epoch", torch.full((self.K,), -1, dtype=torch.long))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long), persistent=False)  # on the device
+        self.register_buffer("loss_scale", torch.ones(self.K))  # 16-mixed: S_k (take_loss_scaler)
+        self.register_buffer("scale_tracker", torch.zeros(self.K, dtype=torch.int32))
+        self.scaling: Optional[dict] = None
+        self._scale_set = False
         self.history: dict[str, list[list[float]]] = {k: [] for k in METRICS}
         self.history_steps: dict[str, list[int]] = {k: [] for k in STEPS}
         self.best_weights: Optional[list[Tensor]] = None  # with keep_best: one (K, ...) copy per parameter
@@ -120,7 +125,8 @@ class GridClassifier(L.LightningModule):
         self.fused = FusedStep(self, compile) if compile else None
 
     def setup(self, stage: str) -> None:
-        setup_model(self, self.sizes)
+        setup_model(self, self.net, self.sizes)
+        self.take_loss_scaler()
         if self.trainer.world_size > 1 or not isinstance(self.trainer.strategy, SingleDeviceStrategy):
             # the batched backward runs without autograd, so DDP's gradient hooks would never average anything:
             # every process would train its own replica on its own shard
@@ -144,8 +150,10 @@ class GridClassifier(L.LightningModule):
         """Zero the stage's sums in place (allocated once: a captured step keeps writing into the same tensors)."""
         w = self.net.fc["1"].weight
         sums = self._sums.get(stage)
-        if sums is None or sums[0].device != w.device or sums[0].dtype != w.dtype:
-            self._sums[stage] = (w.new_zeros(self.K), torch.zeros(self.K, dtype=torch.long, device=w.device))
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # (bfloat16 sums would round)
+        if sums is None or sums[0].device != w.device or sums[0].dtype != dtype:
+            self._sums[stage] = (torch.zeros(self.K, dtype=dtype, device=w.device),
+                                 torch.zeros(self.K, dtype=torch.long, device=w.device))
         else:
             sums[0].zero_()
             sums[1].zero_()
@@ -173,15 +181,46 @@ class GridClassifier(L.LightningModule):
         self.epoch.fill_(self.current_epoch)
         self._reset("train")
 
-    def _train_math(self, x: Tensor, y: Tensor) -> None:
-        """Forward, per-member losses, failure mask, backward and metric sums: device work only, no host reads."""
+    def _train_math(self, x: Tensor, y: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Forward, per-member losses, failure mask, backward and metric sums: device work only, no host reads.
+        Returns the members that step, and (16-mixed) those whose scaled gradients overflowed."""
         logits = self.net(x)
-        loss, g = cross_entropy(logits, y)
+        loss, g = self.loss_and_grad(logits, y)
         newly_failed = self.alive & ~torch.isfinite(loss)
         self.failed_epoch.copy_(torch.where(newly_failed, self.epoch, self.failed_epoch))
         self.alive.logical_and_(~newly_failed)
+        if self.scaling is not None:  # g_S = S_k g_k, each member with its own scale (core.loss_scale)
+            g = g * self.loss_scale.view(-1, 1, 1)
         grid_backward(self.net, g)
         self._accumulate("train", loss, logits, y)
+        if self.scaling is None:
+            return self.alive, None
+        found = unscale_([p.grad for p in self.net.parameters()], self.loss_scale)
+        return self.alive & ~found, found
+
+    def _after_step(self, found: Optional[Tensor]) -> None:
+        if found is not None:
+            update_scale_(self.loss_scale, self.scale_tracker, found, **self.scaling)
+
+    def loss_and_grad(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each member's cross entropy and its gradient (K,), (K, N, C); float32 under mixed precision."""
+        return cross_entropy(logits.float() if self.net.compute_dtype is not None else logits, y)
+
+    def take_loss_scaler(self) -> None:
+        """16-mixed: each member scales its own loss (``loss_scale``, ``scale_tracker``: buffers, in checkpoints),
+        with the settings of the plugin's GradScaler, which is then removed: the batched step skips and rescales per
+        member, where one scaler would stop every member's step for one member's overflow."""
+        plugin = self.trainer.precision_plugin
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is None:
+            self.scaling = None
+            return
+        settings = scaler_settings(scaler)
+        if not self._scale_set:
+            self.loss_scale.fill_(settings["init_scale"])
+            self._scale_set = True
+        self.scaling = {k: settings[k] for k in ("growth_factor", "backoff_factor", "growth_interval")}
+        plugin.scaler = None
 
     def training_step(self, batch, batch_idx: int) -> None:
         x, y = batch
@@ -196,8 +235,9 @@ class GridClassifier(L.LightningModule):
             opt.step(run=run)
             return
         with torch.no_grad():  # no graph: the gradients come from the cached activations
-            self._train_math(x, y)
-            opt.step(alive=self.alive)
+            stepping, found = self._train_math(x, y)
+            opt.step(alive=stepping)
+            self._after_step(found)
 
     def on_validation_model_zero_grad(self) -> None:
         """Keep the gradient tensors through validation (Lightning would release them): every step overwrites
@@ -219,7 +259,7 @@ class GridClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x)
-        self._accumulate("val", cross_entropy(logits, y)[0], logits, y)
+        self._accumulate("val", self.loss_and_grad(logits, y)[0], logits, y)
         self._counts["val"] += y.shape[0]
 
     def on_validation_epoch_end(self) -> None:
@@ -249,7 +289,7 @@ class GridClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x, member=self.test_member)
-        self._accumulate("test", cross_entropy(logits, y)[0], logits, y)
+        self._accumulate("test", self.loss_and_grad(logits, y)[0], logits, y)
         self._counts["test"] += y.shape[0]
 
     def on_test_epoch_end(self) -> None:
@@ -264,6 +304,7 @@ class GridClassifier(L.LightningModule):
         checkpoint["grid_history"] = {**self.history, **self.history_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._scale_set = True  # the checkpoint's scales, not the scaler's initial one
         saved = checkpoint.get("grid_history", {})
         self.history = {k: saved.get(k, []) for k in METRICS}
         self.history_steps = {k: saved.get(k, []) for k in STEPS}

@@ -128,6 +128,7 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
         self.register_input_statistics()  # input_mean, input_std: 0 (unknown) until fit starts
         self.init_metrics(self.num_classes)  # train/val/test loss and accuracy (handgrad.train.epoch_metrics)
         self._callbacks: Optional[list] = None
+        self.scaler = None  # the loss scaler under 16-mixed (setup)
 
     # ---------------------------------------------------------------- setup and checks
 
@@ -140,10 +141,9 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
-        model_setup.setup_model(self, self.mlp.n_l)
-        datamodule = self.trainer.datamodule
-        self.take_input_contract(datamodule, stage)
-        self.statistics_for_device(self.trainer.strategy.root_device)
+        model_setup.setup_model(self, self.mlp, self.mlp.n_l)
+        self.scaler = model_setup.hand_loss_scaler(self.trainer)  # 16-mixed: also the plugin's, which steps with it
+        self.take_input_contract(self.trainer.datamodule, stage)
 
     def configure_callbacks(self) -> list:
         """The extras of :mod:`handgrad.train.callbacks`, the same instances for every run of this model; those of a kind the
@@ -178,13 +178,16 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
         return self.mlp(x)
 
     def loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The hand-written loss L (mean over the batch) and g = dL/da^L."""
+        """The hand-written loss L (mean over the batch) and g = dL/da^L (in float32 under mixed precision, as
+        torch.autocast runs a loss)."""
+        out = out.float() if self.mlp.compute_dtype is not None else out
         if self.hparams.loss == "cross_entropy":
             return losses.cross_entropy(out, y)
         return losses.mse(out, F.one_hot(y.long(), self.num_classes).to(out.dtype))
 
     def torch_loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The same loss from torch.nn.functional, for the autograd path."""
+        out = out.float() if self.mlp.compute_dtype is not None else out
         if self.hparams.loss == "cross_entropy":
             return F.cross_entropy(out, y)
         return F.mse_loss(out, F.one_hot(y.long(), self.num_classes).to(out.dtype))
@@ -199,6 +202,8 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
             with torch.no_grad():  # no graph: the gradients come from the cached activations
                 out = self.mlp(x)
                 loss, grad_out = self.loss_and_grad(out, y)
+                if self.scaler is not None:  # 16-mixed: g_S = S g, unscaled before the step (core.loss_scale)
+                    grad_out = self.scaler.scale(grad_out)
                 if n:
                     backward(self.mlp, grad_out)  # overwrites .grad
                 else:  # this process's share of a short last global batch is empty: it contributes nothing
