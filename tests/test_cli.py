@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import subprocess
 import sys
-import handgrad.cli
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import handgrad.cli
 from handgrad.train.module import HandgradClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +239,50 @@ def test_default_config_is_the_reference_job(capsys):
     assert (model["backprop"], model["optimizer"]) == ("handgrad", "handgrad")
     assert cfg["trainer"]["max_epochs"] == 30 and data["batch_size"] == 256
     assert data["classes"] == ["airplane", "bird"] and data["data_dir"] == "data"
+
+
+def written_out(cfg: dict, reference: dict, where: str = "") -> list[str]:
+    """The keys of ``reference`` (nested) whose value in ``cfg`` differs: ``section.key: cfg's != reference's``."""
+    differ = []
+    for key, value in reference.items():
+        mine = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(value, dict):
+            differ += written_out(mine or {}, value, f"{where}{key}.")
+        elif mine != value:
+            differ.append(f"{where}{key}: {mine!r} != {value!r}")
+    return differ
+
+
+def test_configs_default_yaml_is_what_the_code_runs(capsys):
+    """configs/default.yaml is no longer read (the defaults travel with the code): every value it writes out is the
+    one `python train.py` runs with, and every command starts from it."""
+    reference = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    for args in (["--print_config"], ["fit", "--print_config"], ["test", "--print_config"]):
+        with pytest.raises(SystemExit):
+            train.main(args)
+        assert written_out(yaml.safe_load(capsys.readouterr().out), reference) == [], args
+
+
+def test_an_installed_handgrad_runs_the_reference_defaults_from_any_folder(tmp_path):
+    """`pip install .` (not editable), run from another folder: the defaults are the reference job's, not
+    Lightning's (max_epochs 1000), whatever folder the package was installed to."""
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--no-index", "--target", str(site), str(REPO)], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import handgrad; print(handgrad.__file__)"], capture_output=True,
+                           text=True, cwd=elsewhere, env=env)
+    assert where.stdout.startswith(str(site)), where  # the installed copy, not the repository's source
+    for command in ([sys.executable, str(REPO / "train.py"), "fit", "--print_config"],
+                    [sys.executable, "-m", "handgrad", "--print_config"]):
+        run = subprocess.run(command, capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        cfg = yaml.safe_load(run.stdout)
+        assert cfg["trainer"]["max_epochs"] == 30 and cfg["data"]["classes"] == ["airplane", "bird"], command
+        assert cfg["model"]["sizes"] == [3072, 512, 128, 32, 2] and cfg["seed_everything"] == 265
 
 
 def test_sweep_is_dispatched(monkeypatch):

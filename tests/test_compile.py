@@ -1,4 +1,4 @@
-"""The fused training step of the grid (GridClassifier(compile=...), handgrad.sweep.module.FusedStep) against the eager step.
+"""The fused training step of the grid (GridClassifier(compile=...), handgrad.sweep.fused.FusedStep) against the eager step.
 
 The fused step is the eager step's code run through torch.compile (or recorded as a CUDA graph), so it must
 give the same numbers up to floating-point rounding (compiled kernels may fuse and reorder operations).

@@ -3,7 +3,7 @@ files and checkpoints of its own learning rate), and two resumes of one last.ckp
 together (the second is refused with one `error:` line while the first runs).
 
 The processes are started together and meet at a barrier (tests/barrier.py) just before the run's checks and its
-choice of folder: without the reservation of run_folder.py they pick the same version_N every time.
+choice of folder: without the reservation of runtime/run_folders.py they pick the same version_N every time.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ batch of N = Σ_r n_r samples and its gradient are
 computed with ONE all-reduce (sum) of the flat buffer [n_r g_r, n_r L_r, n_r], then divided by its last
 entry N. Weighting by n_r keeps the result exact when the last global batch splits unevenly (or leaves a
 process with no sample at all).
-
-Atomic checkpoint writes live in :mod:`handgrad.train.checkpoints`.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class SweepModel:
         activation: hidden activation (see :mod:`handgrad.core.activations`); the output is linear.
         init_seed: every member starts from ``MLP(sizes)`` built right after ``torch.manual_seed(init_seed)``
             (a member's own seed from ``seeds`` replaces it).
-        compile: null (eager), ``inductor`` or ``cuda_graph``: see :class:`handgrad.sweep.module.FusedStep`.
+        compile: null (eager), ``inductor`` or ``cuda_graph``: see :class:`handgrad.sweep.fused.FusedStep`.
         members_per_step: members trained at once as one batched model (peak memory grows with it, not with the
             number of members); null: 16 on a CPU, on a GPU as many as half the free memory holds.
     """
@@ -56,7 +56,7 @@ class SweepModel:
 
 class SweepCLI(LightningCLI):
     """The usual LightningCLI options (``--trainer.*``, ``--model.*``, ``--data.*``, ``--config``) with
-    :class:`SweepModel` as the model options, defaults from ``configs/default.yaml``, plus ``--sequential`` and
+    :class:`SweepModel` as the model options, the reference job's defaults, plus ``--sequential`` and
     ``--select``."""
 
     def __init__(self, args=None, datamodule_class=CIFAR10DataModule, description: str = __doc__):

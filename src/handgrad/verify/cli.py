@@ -91,7 +91,7 @@ class VerifyOptions:
 
 class VerifyCLI(HandgradCLI):
     """HandgradCLI without subcommands, plus --verify.* and --ckpt_path: the `fit` options (--trainer.*, --model.*,
-    --data.*, --config over configs/default.yaml), parsed and checked as `fit` parses and checks them (the precision
+    --data.*, --config over the reference defaults), parsed and checked as `fit` parses and checks them (the precision
     as typed, a malformed --config, a --ckpt_path of another architecture), logs in
     <--trainer.default_root_dir>/lightning_logs/version_N (:class:`handgrad.train.cli.RunLogger`)."""
 
