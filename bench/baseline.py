@@ -31,21 +31,30 @@ def sync(device: torch.device) -> None:
 
 
 def train_plain(train_x, train_y, *, sizes, lr, momentum, dampening=0.0, weight_decay=0.0, nesterov=False,
-                epochs, batch_size, seed, val=None) -> dict:
-    """Train one member with autograd + torch.optim.SGD; returns what :func:`timed_epochs` returns and "model"."""
+                epochs, batch_size, seed, val=None, low=None) -> dict:
+    """Train one member with autograd + torch.optim.SGD; returns what :func:`timed_epochs` returns and "model".
+    ``low``: mixed precision as PyTorch documents it, torch.autocast in that dtype (float16: with a GradScaler)."""
     torch.manual_seed(seed)
     model = reference_mlp(sizes).to(device=train_x.device, dtype=train_x.dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
                           weight_decay=weight_decay, nesterov=nesterov)
+    device = train_x.device.type
+    scaler = torch.amp.GradScaler(device) if low == torch.float16 else None
 
     def step(xb, yb):
-        loss = F.cross_entropy(model(xb), yb)
+        with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
+            loss = F.cross_entropy(model(xb).float(), yb)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         return loss.detach()
 
-    summed_loss = lambda out, y: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    summed_loss = lambda out, y: F.cross_entropy(out.float(), y, reduction="sum")  # noqa: E731
     return {**timed_epochs(step, model, summed_loss, train_x, train_y, epochs=epochs, batch_size=batch_size,
                            val=val), "model": model}
 

@@ -40,6 +40,17 @@ def write_image_folder(root: pathlib.Path, per_class_train: int = 20, per_class_
     return written
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with that reason, where no CUDA device is (``pytest -m cuda`` selects
+    them: bench/gpu_check.sh runs them first on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="cuda: needs a CUDA device (bench/gpu_check.sh runs it on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A generated CIFAR-10-like image-folder tree (10 classes, 20 train + 6 test images each)."""

@@ -59,7 +59,7 @@ def test_inductor_step_gives_the_eager_numbers():
     assert_same_training(eager, fused, rel=1e-12)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.cuda
 def test_cuda_graph_step_gives_the_eager_numbers():
     # batch 20: 96 = 4 x 20 + 16, two batch shapes, so two graphs; each shape is warmed up once, then recorded
     eager, _ = fit(None, accelerator="gpu", batch_size=20)

@@ -556,7 +556,7 @@ def test_trainer_precision_64_gives_float64_batches(image_folder):
     torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_data_lives_on_the_gpu(image_folder):
     root, _ = image_folder
     dm = CIFAR10DataModule(str(root), batch_size=8, shuffle=True, download=False)

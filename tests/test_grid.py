@@ -365,6 +365,32 @@ def test_grid_sgd_alive_mask_freezes_a_member_and_keeps_the_others_going(per_mem
             torch.testing.assert_close(net.fc[str(l)].weight[k], mlps[k].fc[str(l)].weight, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("per_member", [True, False], ids=["per-member layout", "stacked layout"])
+def test_grid_sgd_skipped_steps_leave_a_member_as_torch_sgd_not_stepped(per_member):
+    """A step a member skips (its scaled gradients overflowed, core.loss_scale) leaves its parameters and momentum
+    buffer as they were; its first step taken sets b_1 = g (with dampening, not μ·0 + (1 - τ) g), as a
+    torch.optim.SGD that was simply not stepped then."""
+    net, mlps, opt, refs = _sgd_pair(SGD_MEMBERS, len(SGD_MEMBERS), per_member)
+    gen = torch.Generator().manual_seed(4)
+    masks = [[False, True, False, True, True], [False, True, True, False, True], [True] * 5, [True, False, True,
+                                                                                            True, False]]
+    for mask in masks:
+        _set_grads(net, mlps, gen, nan_member=mask.index(False) if False in mask else None)
+        opt.step(alive=torch.tensor(mask))
+        for k, ref in enumerate(refs):
+            if mask[k]:
+                ref.step()
+    for k, mlp in enumerate(mlps):
+        for l in range(1, len(SIZES)):
+            for name in ("weight", "bias"):
+                ours, theirs = getattr(net.fc[str(l)], name)[k], getattr(mlp.fc[str(l)], name)
+                if per_member:
+                    assert torch.equal(ours, theirs), (k, l, name)
+                else:
+                    torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=1e-15)
+    assert opt.state[net.fc["1"].weight]["member_step"].tolist() == [2, 3, 3, 3, 3]
+
+
 def test_grid_sgd_rejects_bad_hyperparameters():
     net, _ = _grid_of_distinct_members(2)
     with pytest.raises(ValueError, match="one value per member"):

@@ -287,3 +287,30 @@ def test_true_half_precision_runs_everything_in_that_dtype(tmp_path, precision, 
     assert model.input_mean.dtype == torch.float64
     model.to(torch.float16)
     assert model.input_std.dtype == torch.float64 and model.mlp.fc["1"].weight.dtype == torch.float16
+
+
+def test_the_grid_scales_each_member_like_its_own_scaler(tmp_path):
+    """16-mixed in the batched grid: each member's scale and skipped steps are those of the same member trained
+    alone with the hand-written scaler (itself equal to torch.amp.GradScaler, above): one member's overflow never
+    stops another's step."""
+    from handgrad.sweep.module import GridClassifier
+
+    members = [dict(lr=0.05, momentum=0.9, weight_decay=0.001), dict(lr=0.002, momentum=0.0, weight_decay=0.0)]
+    settings = dict(init_scale=2.0 ** 24, growth_interval=3)
+    scales = {}
+
+    class GridScales(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            scales.setdefault("grid", []).append(pl_module.loss_scale.tolist())
+
+    grid = GridClassifier(members=members, sizes=SIZES, init_seed=0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **settings))
+    trainer(tmp_path, max_epochs=3, limit_val_batches=0, plugins=[plugin], callbacks=[GridScales()]).fit(grid, TensorData())
+    assert plugin.scaler is None and grid.net.compute_dtype == torch.float16  # the grid scales per member itself
+    for k, member in enumerate(members):
+        torch.manual_seed(0)  # the grid's initial weights: MLP(sizes) right after manual_seed(init_seed)
+        alone, record = HandgradClassifier(SIZES, **member), Scales()
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **settings))
+        trainer(tmp_path, max_epochs=3, limit_val_batches=0, plugins=[plugin], callbacks=[record]).fit(alone, TensorData())
+        assert [row[k] for row in scales["grid"]] == record.scales, k
+    assert scales["grid"][0][0] < 2.0 ** 24 and len({tuple(row) for row in scales["grid"]}) > 2

@@ -84,6 +84,24 @@ def assert_worst_is_autograds(rows, data_dir, model):
     assert f"vs {grad_w1[tuple(index)]:.6e}" in worst
 
 
+@pytest.mark.parametrize("precision, rows", [("bf16-mixed", {"autograd float32": 4, "autograd bf16-mixed": 4}),
+                                             ("bf16-true", {"autograd bfloat16": 4}),
+                                             ("16-true", {"autograd float16": 4})])
+def test_verify_in_each_precision(args, capsys, precision, rows):
+    """Under mixed precision the hand-written bfloat16 products against autograd under torch.autocast (within
+    2u (L - l + 2), tests/test_precision.py), the SGD step bitwise on the same float32 gradients; in a true half
+    precision, autograd in that dtype and the SGD step bitwise in it."""
+    report = train.main([*args, "--trainer.precision", precision])
+    assert report["passed"] and report["precision"] == precision
+    counts = Counter(r["check"] for r in report["rows"])
+    assert all(counts[name] == n for name, n in rows.items()), counts
+    judged = [r for r in report["rows"] if r["check"] in rows and "float32" not in r["check"]]
+    assert {(r["layer"], r["tol"]) for r in judged} == {(2, 2 * 2.0 ** (-11 if precision == "16-true" else -8) * 2),
+                                                        (1, 2 * 2.0 ** (-11 if precision == "16-true" else -8) * 3)}
+    assert all(r["value"] == 0 and r["detail"] == "bitwise equal" for r in report["rows"]
+               if r["check"].startswith("sgd"))
+
+
 def test_a_config_saved_by_fit_and_a_checkpoint_s_weights(args, tmp_path):
     torch.manual_seed(1)
     trained = MLP([3072, 8, 2])

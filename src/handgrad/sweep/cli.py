@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import warnings
 from argparse import RawDescriptionHelpFormatter
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 from jsonargparse import ActionYesNo, lazy_instance
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -17,6 +17,7 @@ from handgrad.core.activations import Activation
 from handgrad.core.mlp import check_sizes
 from handgrad.data.datamodule import CIFAR10DataModule
 from handgrad.runtime.errors import ConfigError, HandgradError, SetupError
+from handgrad.sweep.fused import Compile
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import RULES
 from handgrad.train.cli import SEED, TRAINER_DEFAULTS, HandgradArgumentParser, RunLogger, logs_under_default_root_dir
@@ -35,7 +36,7 @@ class SweepModel:
         activation: hidden activation (see :mod:`handgrad.core.activations`); the output is linear.
         init_seed: every member starts from ``MLP(sizes)`` built right after ``torch.manual_seed(init_seed)``
             (a member's own seed from ``seeds`` replaces it).
-        compile: null (eager), ``inductor`` or ``cuda_graph``: see :class:`handgrad.sweep.fused.FusedStep`.
+        compile: ``none`` (eager, also null), ``inductor`` or ``cuda_graph``: see :class:`handgrad.sweep.fused.FusedStep`.
         members_per_step: members trained at once as one batched model (peak memory grows with it, not with the
             number of members); null: 16 on a CPU, on a GPU as many as half the free memory holds.
     """
@@ -43,7 +44,7 @@ class SweepModel:
     def __init__(self, grid: Optional[dict] = None, members: Optional[list[dict]] = None,
                  samples: Optional[int] = None, seeds: Optional[list[int]] = None, sample_seed: int = 0,
                  sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: Activation = "relu",
-                 init_seed: Optional[int] = 265, compile: Optional[Literal["inductor", "cuda_graph"]] = None,
+                 init_seed: Optional[int] = 265, compile: Compile = None,
                  members_per_step: Optional[int] = None):
         self.members = expand_grid(grid, members, samples, seeds, sample_seed)
         self.sizes = check_sizes(sizes)
@@ -130,4 +131,4 @@ def check(cli: SweepCLI, args: list[str]) -> None:
                          "same command once per device): python train.py sweep ... --trainer.devices N")
     if model.compile == "cuda_graph" and strategy.root_device.type != "cuda":
         raise SetupError("--model.compile cuda_graph records the training step as a CUDA graph and needs a CUDA "
-                         "device (--trainer.accelerator gpu); on a CPU use --model.compile inductor or null")
+                         "device (--trainer.accelerator gpu); on a CPU use --model.compile inductor or none")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -10,6 +10,7 @@ from torch import Tensor
 from handgrad.core.grid import GridSGD, stacked_sgd
 
 COMPILE_MODES = ("inductor", "cuda_graph")
+Compile = Optional[Literal["none", "inductor", "cuda_graph"]]  # "none" or null: the eager step
 
 
 class FusedStep:

@@ -9,7 +9,7 @@ metrics summed on the device and read once per epoch, the failure mask, checkpoi
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
@@ -22,7 +22,7 @@ from handgrad.core.losses import cross_entropy
 from handgrad.core.mlp import MLP
 from handgrad.core.optim import HYPERPARAMETERS
 from handgrad.runtime.errors import SetupError
-from handgrad.sweep.fused import COMPILE_MODES, FusedStep
+from handgrad.sweep.fused import COMPILE_MODES, Compile, FusedStep
 from handgrad.sweep.outcome import METRICS, STEPS
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import is_better
@@ -72,7 +72,7 @@ class GridClassifier(L.LightningModule):
             ``torch.manual_seed(init_seed)`` (the global random state is left as it was), copied into
             every member: each member starts where :class:`handgrad.train.module.HandgradClassifier` starts
             when seeded with the same value. ``None``: build that MLP from the current global state.
-        compile: None (eager), ``"inductor"`` (the whole training step through ``torch.compile``) or
+        compile: ``"none"`` or None (eager), ``"inductor"`` (the whole training step through ``torch.compile``) or
             ``"cuda_graph"`` (the whole training step recorded as a CUDA graph and replayed; CUDA only).
             See :class:`FusedStep`. The numbers are those of the eager step up to floating-point rounding.
         keep_best: also keep each member's weights of its best validation (highest val accuracy, ties: lower
@@ -93,11 +93,11 @@ class GridClassifier(L.LightningModule):
 
     def __init__(self, grid: Optional[dict] = None, members: Optional[list[dict]] = None,
                  sizes: Sequence[int] = (3072, 512, 128, 32, 2), activation: str = "relu",
-                 init_seed: Optional[int] = 265, compile: Optional[Literal["inductor", "cuda_graph"]] = None,
+                 init_seed: Optional[int] = 265, compile: Compile = None,
                  keep_best: bool = False):
         super().__init__()
-        if compile is not None and compile not in COMPILE_MODES:  # (the Python API; the command line checks the Literal)
-            raise ValueError(f"compile={compile!r}: use null (eager), 'inductor' (torch.compile) or 'cuda_graph'")
+        if compile not in (None, "none", *COMPILE_MODES):  # (the Python API; the command line checks the Literal)
+            raise ValueError(f"compile={compile!r}: use 'none' (eager), 'inductor' (torch.compile) or 'cuda_graph'")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.members = expand_grid(grid, members)
@@ -122,7 +122,7 @@ class GridClassifier(L.LightningModule):
         self.test_result: dict[str, float] = {}
         self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # stage -> (sum of N * loss_k, correct_k), in place
         self._counts: dict[str, int] = {}  # stage -> samples seen (on the host)
-        self.fused = FusedStep(self, compile) if compile else None
+        self.fused = FusedStep(self, compile) if compile in COMPILE_MODES else None
 
     def setup(self, stage: str) -> None:
         setup_model(self, self.net, self.sizes)

@@ -39,6 +39,7 @@ from handgrad.runtime import text
 
 GRADS = ("dL_dw", "dL_db")  # the model's gradient dicts, for the parameters W^l and b^l
 INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float's bits, by its size in bytes
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # u = 2^-(significand bits)
 
 
 @dataclass
@@ -81,15 +82,18 @@ def reference_subject(sizes, activation: str, loss: str) -> Subject:
     def target(out, y):
         return y if loss == "cross_entropy" else F.one_hot(y.long(), out.shape[-1]).to(out.dtype)
 
+    def as_weights(model, out):  # the loss in the weights' dtype: float32 under mixed precision (as autocast runs it)
+        return out.to(model.fc["1"].weight.dtype)
+
     def hand(model, x, y):
         with torch.no_grad():
-            out = model(x)
+            out = as_weights(model, model(x))
             value, grad_out = getattr(losses, loss)(out, target(out, y))
             backward(model, grad_out)
         return value
 
     def torch_loss(model, x, y):
-        out = model(x)
+        out = as_weights(model, model(x))
         return (F.cross_entropy if loss == "cross_entropy" else F.mse_loss)(out, target(out, y))
 
     return Subject(f"MLP {list(sizes)} {activation}, {loss}", model, hand, torch_loss)
@@ -120,7 +124,7 @@ def parameters(model) -> list[tuple[int, str, Tensor]]:
 def copy_of(model, device, dtype):
     """A deep copy of ``model`` in ``dtype`` on ``device``, made after emptying its caches (a, z, dL_dw, dL_db):
     tensors that are part of an autograd graph cannot be copied."""
-    for name in ("a", "z", *GRADS):
+    for name in ("a", "z", "w", *GRADS):
         cache = getattr(model, name, None)
         if isinstance(cache, dict):
             cache.clear()
@@ -165,12 +169,38 @@ def compare(check: str, key, got: Optional[Tensor], ref: Tensor, tol: float, err
 
 
 def check_autograd(subject: Subject, x, y, dtype, tol: float) -> list[Row]:
-    """Hand-written gradients against autograd's of the same loss, with the model, x in ``dtype``."""
+    """Hand-written gradients against autograd's of the same loss, with the model, x in ``dtype``; a bfloat16 or
+    float16 ``dtype`` is judged against :func:`low_precision_tolerance` instead of ``tol``."""
     model = copy_of(subject.model, x.device, dtype)
     x = x.to(dtype)
     _, hand, error = hand_gradients(subject, model, x, y)
     ref = autograd_gradients(subject, model, x, y)
-    return [compare(f"autograd {dtype_name(dtype)}", k, hand[k], ref[k], tol, error) for k in ref]
+    return [compare(f"autograd {dtype_name(dtype)}", k, hand[k], ref[k],
+                    low_precision_tolerance(dtype, model.L, k[0]) if dtype in UNIT_ROUNDOFF else tol, error)
+            for k in ref]
+
+
+def check_mixed(subject: Subject, x, y, dtype) -> list[Row]:
+    """Mixed precision: the hand-written products in ``dtype`` on float32 weights (``model.compute_dtype``) against
+    autograd of the plain float32 model under ``torch.autocast(dtype)``, judged by :func:`low_precision_tolerance`."""
+    name = f"autograd {'bf16' if dtype == torch.bfloat16 else '16'}-mixed"
+    if not hasattr(subject.model, "compute_dtype"):
+        return [Row(name, None, "-", None, None, "skipped", "a course-style model has no compute_dtype")]
+    hand_model = copy_of(subject.model, x.device, torch.float32)
+    hand_model.compute_dtype = dtype
+    _, hand, error = hand_gradients(subject, hand_model, x.float(), y)
+    ref_model = copy_of(subject.model, x.device, torch.float32)
+    with torch.autocast(x.device.type, dtype=dtype):
+        ref = autograd_gradients(subject, ref_model, x.float(), y)
+    return [compare(name, k, hand[k], ref[k], low_precision_tolerance(dtype, hand_model.L, k[0]), error) for k in ref]
+
+
+def low_precision_tolerance(dtype, L: int, l: int) -> float:
+    """How far two correct gradients of layer l (of L) may be in bfloat16 or float16, e <= 2u (L - l + 2), u the unit
+    roundoff: both sides run the same products on the same inputs, accumulated in float32 and rounded once to the
+    dtype; another accumulation order can round an entry to the neighbouring value (2u), and a difference in delta^l
+    reaches every layer below it, each adding its own rounding (the derivation: tests/test_precision.py)."""
+    return 2 * UNIT_ROUNDOFF[dtype] * (L - l + 2)
 
 
 def central_differences(loss: Callable[[], Tensor], flat: Tensor, indices, eps: float) -> Tensor:

@@ -40,8 +40,8 @@ from handgrad.core.mlp import MLP, check_sizes
 from handgrad.runtime.errors import CheckpointError, ConfigError
 from handgrad.train.checkpoints import load_for_checks
 from handgrad.train.cli import HandgradCLI, check_config_files
-from handgrad.train.model_setup import check_sizes_fit_data
-from handgrad.verify.checks import (Row, autograd_gradients, check_autograd, check_data_parallel,
+from handgrad.train.model_setup import MIXED, check_sizes_fit_data
+from handgrad.verify.checks import (Row, autograd_gradients, check_autograd, check_data_parallel, check_mixed,
                                     check_finite_differences, check_sgd, check_training, copy_of, course_subject,
                                     dtype_name, first_failure, json_safe, markdown_table, parameters, reference_subject,
                                     text_table)
@@ -247,7 +247,8 @@ def run_checks(trainer, datamodule, opts: VerifyOptions, hp: dict, ckpt_path: Op
           f"{trainer.precision}")
     optimizer = load_object(opts.optimizer, "--verify.optimizer")
     sgd_hp = {k: hp[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
-    rows = one_process_checks(subject, batches, dtype, optimizer, sgd_hp, opts, seconds) + parallel
+    mixed = MIXED.get(str(trainer.precision))
+    rows = one_process_checks(subject, batches, dtype, optimizer, sgd_hp, opts, seconds, mixed) + parallel
     return {"subject": subject.name, "device": str(x.device), "precision": str(trainer.precision),
             "batch_size": len(y), "fd_batch": min(opts.fd_batch or len(y), len(y)),
             "sgd": f"{optimizer.__module__}.{optimizer.__name__}", "sgd_hparams": sgd_hp, "seconds_per_check": seconds,
@@ -258,10 +259,11 @@ def tolerance(opts: VerifyOptions, dtype) -> float:
     return opts.tol_float64 if dtype == torch.float64 else opts.tol_float32
 
 
-def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: VerifyOptions, seconds: dict):
-    """Autograd (float64 and ``dtype``), finite differences, SGD and (opts.steps > 0) training, on this process,
-    each announced by a progress line (the training steps also by a progress bar); the time each took goes into
-    ``seconds``."""
+def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: VerifyOptions, seconds: dict,
+                       mixed: Optional[torch.dtype] = None):
+    """Autograd (float64, ``dtype`` and, under mixed precision, the ``mixed`` products against torch.autocast),
+    finite differences, SGD and (opts.steps > 0) training, on this process, each announced by a progress line (the
+    training steps also by a progress bar); the time each took goes into ``seconds``."""
     x, y = batches[0]
     m = min(opts.fd_batch or len(y), len(y))
     model = copy_of(subject.model, x.device, dtype)
@@ -278,8 +280,13 @@ def one_process_checks(subject, batches, dtype, optimizer, sgd_hp: dict, opts: V
 
         return check_training(subject, optimizer, sgd_hp, batches[:opts.steps], opts.tol_steps, progress=bar)
 
-    checks = [("autograd", f"hand-written gradients against autograd in {' and '.join(map(dtype_name, dtypes))}",
-               lambda: [row for d in dtypes for row in check_autograd(subject, x, y, d, tolerance(opts, d))]),
+    names = [*map(dtype_name, dtypes)] + ([f"{dtype_name(mixed)} products under torch.autocast"] if mixed else [])
+
+    def autograd_rows():
+        rows = [row for d in dtypes for row in check_autograd(subject, x, y, d, tolerance(opts, d))]
+        return rows + (check_mixed(subject, x, y, mixed) if mixed else [])
+
+    checks = [("autograd", f"hand-written gradients against autograd in {' and '.join(names)}", autograd_rows),
               ("finite differences", f"central differences on {opts.fd_samples} entries per weight and bias, "
                f"{m} images", lambda: check_finite_differences(subject, x[:m], y[:m], opts.fd_samples, opts.fd_eps,
                                                                  opts.tol_fd, opts.seed)),
