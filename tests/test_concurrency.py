@@ -112,7 +112,7 @@ def test_a_held_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_pat
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(OutputDirError, match=f"version_0 is in use by process {holder.pid} on vm "):
+        with pytest.raises(OutputDirError, match=f"version_0 is in use by process {holder.pid} on vm: "):
             run_folder.claim(root, "version_0")
     finally:
         holder.kill()  # SIGKILL: its lock file stays, with its PID

@@ -4,6 +4,7 @@ and names the last good checkpoint, which loads; no traceback, no temporary file
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -82,3 +83,54 @@ def test_disk_full_while_writing_tensorboard_events(data_dir, tmp_path):
         assert error.startswith(f"error: the disk holding {disk / 'lightning_logs' / 'version_0'} is full (No space "
                                 f"left on device) while writing the run's logs"), error
         assert last_good(error, disk).parent == checkpoints
+
+
+def printed_command(error: str) -> list[str]:
+    """The command a disk-full error says to run once space is free (the error's last sentence)."""
+    command = error.split("resume with: ")[1].rsplit(" (or write elsewhere", 1)[0]
+    words = shlex.split(command)
+    assert words[0] == "python"
+    return [sys.executable, *words[1:]]
+
+
+def test_the_printed_command_resumes_a_fit_after_space_is_freed(data_dir, tmp_path):
+    """The error names the command that resumes (the same options and --ckpt_path of the last good checkpoint);
+    once space is freed, that command, run as printed, finishes the run in its own folder."""
+    with small_disk(tmp_path / "disk", "800k") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(bytes(300_000))
+        error = the_error(fit(data_dir, disk, "--last_checkpoint.every_n_train_steps", "1", "--trainer.max_epochs", "3"))
+        last = last_good(error, disk)
+        command = printed_command(error)
+        assert command[1:4] == [str(REPO / "train.py"), "fit", "--data.data_dir"] and command[-2] == "--ckpt_path"
+        assert disk / command[-1] == last  # (as the run named it: relative to its working folder)
+        filler.unlink()
+        run = subprocess.run(command, cwd=disk, env=ENV, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        done = load_for_checks(disk / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+        assert done["epoch"] == 2 and done["global_step"] == 3 * 4  # 32 training images / 8 per batch, 3 epochs
+        assert sorted(p.name for p in (disk / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_the_printed_command_resumes_a_sweep_after_space_is_freed(data_dir, tmp_path):
+    """A sweep that fills its disk says which command trains the rest into the same folder (not a --ckpt_path,
+    which a sweep does not take); run as printed once space is freed, it trains only the missing chunks."""
+    with small_disk(tmp_path / "disk", "900k") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(bytes(450_000))
+        args = ["sweep", "--config", str(REPO / "configs" / "grid.yaml"), "--data.data_dir", str(data_dir),
+                "--data.download", "false", "--model.sizes", "[3072, 8, 2]", "--data.batch_size", "8",
+                "--model.members_per_step", "2", "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+        first = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=disk, env=ENV,
+                               capture_output=True, text=True, timeout=300)
+        error = the_error(first)
+        assert "is full (No space left on device) while writing" in error and "--ckpt_path" not in error
+        command = printed_command(error)
+        assert command[1:] == [str(REPO / "train.py"), *args, "--trainer.logger.init_args.version", "0"]
+        filler.unlink()
+        run = subprocess.run(command, cwd=disk, env=ENV, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "chunks are done" in run.stdout and "selected: member" in run.stdout
+        log_dir = disk / "lightning_logs" / "sweep" / "version_0"
+        assert (log_dir / "selected.ckpt").is_file() and len(list((log_dir / "chunks").glob("chunk_*.json"))) == 3

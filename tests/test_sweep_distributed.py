@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -124,7 +125,10 @@ def test_a_killed_rank_stops_the_other_and_a_rerun_resumes(image_folder, tmp_pat
     stat = Path(f"/proc/{rank1}/stat")
     assert not stat.exists() or stat.read_text().split(") ")[1][0] in "ZX"  # gone (or a zombie of no one)
     assert "error: sweep rank 1 of 2: lost contact with rank 0" in err, err[-3000:]
-    assert "rerun the same command with --trainer.logger.init_args.version 0 (lightning_logs/sweep/version_0)" in err
+    rerun = [a for i, a in enumerate(args) if "--trainer.logger.init_args.version" not in args[max(0, i - 1):i + 1]]
+    again = shlex.join(["python", "-m", "handgrad", "sweep", *rerun, "--trainer.devices", "2", "--trainer.strategy",
+                        "ddp", "--trainer.logger.init_args.version", "0"])
+    assert f"The chunks completed so far are saved: to train only the rest, run {again}" in err, err[-3000:]
     done_before = sorted(p.name for p in chunks.glob("chunk_*.json"))
     assert 0 < len(done_before) < 8
     stamps = {name: (chunks / name).stat().st_mtime_ns for name in done_before}

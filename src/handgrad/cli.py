@@ -38,7 +38,7 @@ def main_job(overrides: list[str]) -> HandgradCLI:
     cli = HandgradCLI(args=overrides, run=False, description=__doc__)
     trainer = cli.trainer
     cli.before_fit()
-    trainer.fit(cli.model, datamodule=cli.datamodule)
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     best, last = cli.best_checkpoint, cli.last_checkpoint
     logs = shlex.quote(str(Path(trainer.log_dir).parent))
     summary = {"TensorBoard logs": f"{trainer.log_dir}   (tensorboard --logdir {logs})",

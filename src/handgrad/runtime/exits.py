@@ -4,6 +4,7 @@ notices that say nothing about this project's runs, silenced by their text."""
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import threading
 import warnings
@@ -14,6 +15,22 @@ from pathlib import Path
 from handgrad.runtime import run_folders
 from handgrad.runtime.disk import disk_full_error, is_disk_full
 from handgrad.runtime.errors import HandgradError
+
+
+def command_line(words: list[str], drop: tuple[str, ...] = ()) -> str:
+    """The command the user ran, with ``words`` after the program (options named in ``drop`` and their values left
+    out), as a line to paste: ``python train.py ...`` (or ``python -m handgrad ...``)."""
+    program = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+    prefix = ["python", "-m", "handgrad"] if program.endswith("__main__.py") else ["python", program]
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in drop:
+            skip = True
+        elif not word.startswith(tuple(f"{d}=" for d in drop)):
+            kept.append(word)
+    return shlex.join(prefix + kept)
 
 
 @contextmanager

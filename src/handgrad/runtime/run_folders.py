@@ -44,10 +44,15 @@ def next_version(root: Path) -> int:
     return max(found, default=-1) + 1
 
 
-def claim(root: Path, version: Optional[Union[int, str]]) -> tuple[Union[int, str], Optional[int]]:
+IN_USE = ("that run is still training, or another resume of it is; nothing was run. Wait until it ends, or resume "
+          "from a copy of the checkpoint placed outside {folder} to continue in a new run folder.")
+
+
+def claim(root: Path, version: Optional[Union[int, str]], in_use: str = IN_USE) -> tuple[Union[int, str], Optional[int]]:
     """(version, lock fd) of this process's run folder under ``root``: a new ``version_N`` reserved atomically
     when ``version`` is None, else the given one (``N`` or a folder name), locked in both cases. Raise
-    :class:`OutputDirError` while another live process holds it."""
+    :class:`OutputDirError` while another live process holds it, saying what to do (``in_use``, a format string
+    of ``folder``)."""
     if version is None:
         version = reserve(root, next_version(root))
     folder = (root / (version if isinstance(version, str) else f"version_{version}")).absolute()
@@ -57,10 +62,8 @@ def claim(root: Path, version: Optional[Union[int, str]]) -> tuple[Union[int, st
     try:
         fd = locks.hold(folder)
     except locks.LockHeld as holder:
-        raise OutputDirError(
-            f"the run folder {folder} is in use by {holder} (that run is still training, or another resume of it "
-            f"is); nothing was run. Wait until it ends, or resume from a copy of the checkpoint placed outside "
-            f"{folder} to continue in a new run folder.") from None
+        raise OutputDirError(f"the run folder {folder} is in use by {holder}: "
+                             f"{in_use.format(folder=folder)}") from None
     if fd is not None:
         HELD[fd] = folder
     global last_claimed

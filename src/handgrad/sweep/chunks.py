@@ -64,12 +64,7 @@ def _plan_on_disk(log_dir: Path, plan: dict) -> dict:
     """The folder's plan (written now if there is none), with the chunks already done."""
     folder = log_dir / "chunks"
     plan_file = folder / "plan.json"
-    if plan_file.exists():
-        saved = _read_json(plan_file, PLAN_KEYS)
-        if saved is None or not isinstance(saved["members_per_step"], int) or saved["members_per_step"] < 1:
-            raise ConfigError(f"{plan_file} is damaged (not the plan a sweep writes): move {folder} away to train "
-                              f"every member again, or write into a new folder (leave out "
-                              f"--trainer.logger.init_args.version)")
+    if (saved := saved_plan(log_dir)) is not None:
         if [saved[key] for key in ("fingerprint", "members")] != [plan[key] for key in ("fingerprint", "members")]:
             raise ConfigError(f"{log_dir} holds the chunks of a sweep with other options: resume it with the options "
                               f"of its config.yaml, or write into a new folder (leave out "
@@ -80,6 +75,20 @@ def _plan_on_disk(log_dir: Path, plan: dict) -> dict:
     chunks = chunks_of(plan["members"], plan["members_per_step"])
     plan["done"] = [c for c, members in enumerate(chunks) if chunk_is_intact(folder, c, members)]
     return plan
+
+
+def saved_plan(log_dir: Path) -> Optional[dict]:
+    """The plan a sweep saved in ``log_dir`` (None if there is none); a damaged one is a :class:`ConfigError`
+    saying what to do (checked before a rerun writes anything, and again when the plan is read)."""
+    plan_file = log_dir / "chunks" / "plan.json"
+    if not plan_file.exists():
+        return None
+    saved = _read_json(plan_file, PLAN_KEYS)
+    if saved is None or not isinstance(saved["members_per_step"], int) or saved["members_per_step"] < 1:
+        raise ConfigError(f"{plan_file} is damaged (not the plan a sweep writes): move {plan_file.parent} away to "
+                          f"train every member again, or write into a new folder (leave out "
+                          f"--trainer.logger.init_args.version)")
+    return saved
 
 
 def chunk_name(folder: Path, c: int) -> Path:

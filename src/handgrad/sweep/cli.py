@@ -23,6 +23,14 @@ from handgrad.sweep.select import RULES
 from handgrad.train.cli import SEED, TRAINER_DEFAULTS, HandgradArgumentParser, RunLogger, logs_under_default_root_dir
 from handgrad.train.model_setup import check_precision, preflight
 
+class SweepLogger(RunLogger):
+    """The sweep's run folder (lightning_logs/sweep/version_N), refused while another live process holds it."""
+
+    in_use = ("that sweep is still running, or another rerun of it is; nothing was run. Wait until it ends (its "
+              "finished chunks are kept in {folder}/chunks), or run the sweep into a new folder (leave out "
+              "--trainer.logger.init_args.version).")
+
+
 class SweepModel:
     """The ``--model`` options of a sweep: the search (:func:`handgrad.sweep.search.expand_grid`) and the network.
 
@@ -66,7 +74,7 @@ class SweepCLI(LightningCLI):
             super().__init__(
                 None, datamodule_class, args=args, run=False, auto_configure_optimizers=False,
                 save_config_callback=None,
-                trainer_defaults={"logger": lazy_instance(RunLogger, name="sweep"), **TRAINER_DEFAULTS},
+                trainer_defaults={"logger": lazy_instance(SweepLogger, name="sweep"), **TRAINER_DEFAULTS},
                 seed_everything_default=SEED, parser_class=HandgradArgumentParser,
                 parser_kwargs={"description": description, "formatter_class": RawDescriptionHelpFormatter})
 

@@ -48,7 +48,7 @@ class Ranks:
     def __init__(self, strategy=None):
         self.world, self.rank, self.local_rank = 1, 0, 0
         self.group = self._heartbeat = None
-        self.resume = {"how": "the same log folder (--trainer.logger.init_args.version N)"}  # said when a rank is lost
+        self.resume = {"how": "the same command with --trainer.logger.init_args.version N"}  # said when a rank is lost
         if strategy is None or strategy.world_size == 1:
             return
         strategy.setup_environment()  # Lightning's own process group set-up (backend, addresses, timeout)
@@ -90,10 +90,6 @@ class Ranks:
             call()
         except RuntimeError as err:
             raise RankLostError(lost_rank_message(err, self.rank, self.world, self.resume["how"])) from None
-
-    def log_folder_is(self, log_dir) -> None:
-        """Name the log folder in the lost-rank message: how to resume exactly this sweep."""
-        self.resume["how"] = f"--trainer.logger.init_args.version {log_dir.name.removeprefix('version_')} ({log_dir})"
 
     def close(self) -> None:
         """Stop the heartbeat and leave the process group (all ranks call this after the last gather): a process
@@ -150,8 +146,7 @@ def lost_rank_message(err: Exception, rank: int, world: int, resume: str) -> str
     else:
         lost = "another rank (see rank 0's output)" if rank == 0 else "rank 0 (or another rank: see rank 0's output)"
     return (f"sweep rank {rank} of {world}: lost contact with {lost} (it was killed, ran out of memory, or its "
-            f"machine is gone). The chunks completed so far are saved: rerun the same command with {resume} to "
-            f"train only the rest.")
+            f"machine is gone). The chunks completed so far are saved: to train only the rest, run {resume}")
 
 
 # ----------------------------------------------------------------------------- how many members per step

@@ -36,8 +36,11 @@ from typing import Optional
 
 from handgrad.core.optim import HYPERPARAMETERS
 from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.runtime import disk
 from handgrad.runtime.errors import SetupError
+from handgrad.runtime.exits import command_line
 from handgrad.runtime.run_folders import check_output_dirs
+from handgrad.sweep.chunks import saved_plan
 from handgrad.sweep.cli import SweepCLI, check
 from handgrad.sweep.fitting import evaluate_on_test, run_chunks
 from handgrad.sweep.outcome import SweepOutcome
@@ -55,8 +58,12 @@ def main(args: Optional[list[str]] = None, datamodule_class=CIFAR10DataModule) -
     anything is written."""
     args = sys.argv[1:] if args is None else list(args)
     cli = SweepCLI(args=args, datamodule_class=datamodule_class, description=__doc__)
+    cli.args = args
     check(cli, args)
     check_output_dirs(cli.trainer)
+    logger = cli.trainer.logger
+    if hasattr(logger, "planned_log_dir") and logger.asked_version is not None:  # a rerun into a given folder
+        saved_plan(Path(logger.planned_log_dir()))
     strategy = cli.trainer.strategy
     if strategy.world_size > 1:  # Lightning starts the other processes (ddp) or finds them (torchrun, srun)
         return strategy.launcher.launch(run, cli)
@@ -71,7 +78,10 @@ def run(cli: SweepCLI) -> dict:
     if ranks.rank == 0:
         log_dir = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
     log_dir = Path(ranks.broadcast(str(log_dir)))
-    ranks.log_folder_is(log_dir)
+    again = rerun_command(cli, log_dir)
+    ranks.resume["how"] = again
+    disk.set_resume_advice(lambda folder: f"the chunks trained so far are saved in {log_dir / 'chunks'}; free some "
+                                          f"space, then resume with: {again}")
     mode = "sequential" if cli.config.sequential else "batched"
     if ranks.world > 1:
         mode += f", {ranks.world} processes"
@@ -80,6 +90,12 @@ def run(cli: SweepCLI) -> dict:
     if ranks.rank != 0:
         return {}
     return report(cli, ranks, log_dir, outcome, mode)
+
+
+def rerun_command(cli: SweepCLI, log_dir: Path) -> str:
+    """The command that runs this sweep again into ``log_dir``, training only the chunks not saved there."""
+    version = ["--trainer.logger.init_args.version", log_dir.name.removeprefix("version_")]
+    return command_line(["sweep", *cli.args], drop=(version[0],)) + " " + shlex.join(version)
 
 
 def report(cli: SweepCLI, ranks: Ranks, log_dir: Path, outcome: SweepOutcome, mode: str) -> dict:

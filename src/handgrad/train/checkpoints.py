@@ -110,9 +110,44 @@ class StoppedMidEpoch(Callback):
 
 def load_for_checks(path) -> dict:
     """The checkpoint at ``path`` on the CPU, safely (tensors and plain values only), or a clear CheckpointError."""
+    if Path(path).is_dir():
+        inside = sorted(str(p) for p in Path(path).rglob("*.ckpt"))[:3]
+        raise CheckpointError(f"--ckpt_path {path} is a folder, not a checkpoint file; pass a .ckpt file "
+                              f"({', '.join(inside) if inside else f'e.g. {WHERE}'}).")
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path (e.g. {WHERE}).")
     return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+def named_checkpoint(name: str, runs: Path, fit: bool) -> Path:
+    """``--ckpt_path last`` (and, to evaluate, ``best``): the checkpoint of that name in the newest run of the log
+    folder ``runs`` (its version_N with the highest N that has one): what a user of Lightning means by them in a
+    new process, where Lightning would find no checkpoint of the run it just started and train from scratch."""
+    if name == "best" and fit:
+        raise CheckpointError("--ckpt_path best: a fit resumes from the latest state, --ckpt_path last (or a path)")
+    pattern = "last.ckpt" if name == "last" else "best-*.ckpt"
+    found = [p for version in sorted(runs.glob("version_*"), key=lambda d: _number(d.name), reverse=True)
+             for p in sorted((version / "checkpoints").glob(pattern))]
+    if not found:
+        raise CheckpointError(f"--ckpt_path {name}: no {pattern} in the runs of {runs} (version_*/checkpoints/); "
+                              f"pass the path of a checkpoint")
+    return found[0]
+
+
+def _number(name: str) -> int:
+    return int(name[8:]) if name[8:].isdigit() else -1
+
+
+def prune_unknown_bests(checkpoint: dict, folder: Path) -> list[Path]:
+    """Before a fit resumes in its own run: remove the ``best-*.ckpt`` in ``folder`` that the checkpoint's best-model
+    callback does not know (written after it, by the run being resumed, before it was interrupted): the resumed
+    run redoes those epochs and finds its own best, so it ends with exactly one best (and no ``-v1`` copy)."""
+    known = {Path(p).name for state in checkpoint.get("callbacks", {}).values() if isinstance(state, dict)
+             for p in (*state.get("best_k_models", {}), state.get("best_model_path") or "")}
+    removed = [p for p in folder.glob("best-*.ckpt") if p.name not in known]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def plain(v):

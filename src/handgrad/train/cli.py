@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import os
 import re
+import shlex
 import sys
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
@@ -35,8 +37,10 @@ from handgrad.data.images import ImageFiles, load
 from handgrad.runtime import disk, run_folders
 from handgrad.runtime.errors import ConfigError, HandgradError
 from handgrad.train.callbacks import add_lr_monitor
+from handgrad.runtime.exits import command_line
 from handgrad.train.checkpoints import (ARCHITECTURE, AtomicCheckpointIO, check_architecture, check_resume,
-                                        checkpoint_statistics, evaluation_data_options, load_for_checks)
+                                        checkpoint_statistics, evaluation_data_options, load_for_checks,
+                                        named_checkpoint, prune_unknown_bests)
 from handgrad.train.model_setup import check_precision
 from handgrad.train.module import HandgradClassifier
 from handgrad.train.predict import ImagePredictionWriter, PredictionWriter
@@ -55,6 +59,8 @@ class RunLogger(TensorBoardLogger):
     in one folder never share it (Lightning's would pick the same N for each), and a folder another live process
     holds is refused."""
 
+    in_use = run_folders.IN_USE  # what to do when another live process holds the folder
+
     def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
                  version: Optional[Union[int, str]] = None, default_hp_metric: bool = False, **kwargs):
         super().__init__(save_dir or ".", name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
@@ -66,7 +72,7 @@ class RunLogger(TensorBoardLogger):
         if self._run is None:
             root = Path(self.root_dir)
             if rank_zero_only.rank == 0 and "://" not in str(root):  # rank 0 writes the logs
-                self._run = run_folders.claim(root, self.asked_version)
+                self._run = run_folders.claim(root, self.asked_version, self.in_use)
             else:
                 version = self.asked_version
                 self._run = (run_folders.next_version(root) if version is None else version, None)
@@ -127,8 +133,11 @@ class HandgradCLI(LightningCLI):
     last.ckpt (--last_checkpoint.*, :attr:`last_checkpoint`), written atomically (AtomicCheckpointIO)."""
 
     checkpoint_statistics = None  # (mean, std) of --ckpt_path (parse_arguments)
+    resumed = None  # the checkpoint a fit resumes from, and its path (parse_arguments)
+    ckpt_help = "the main job resumes the fit from this checkpoint (then tests), as `fit --ckpt_path` does"
 
     def __init__(self, args=None, run: bool = True, description: Optional[str] = None):
+        self.words = list(sys.argv[1:] if args is None else args)  # the command line, for the resume advice
         disk.set_resume_advice(self.resume_advice)
         super().__init__(
             HandgradClassifier,
@@ -147,11 +156,17 @@ class HandgradCLI(LightningCLI):
             parser_class=HandgradArgumentParser,
         )
 
-    @staticmethod
-    def resume_advice(folder: Optional[Path]) -> str:
-        """After a full disk: the checkpoint this process wrote last (else the newest under the folder)."""
+    def resume_advice(self, folder: Optional[Path]) -> str:
+        """After a full disk: the checkpoint this process wrote last (else the newest under the folder), and the
+        command that resumes from it."""
         last = AtomicCheckpointIO.last_written
-        return disk.checkpoint_advice(last if last is not None and last.is_file() else disk.newest_checkpoint(folder))
+        last = last if last is not None and last.is_file() else disk.newest_checkpoint(folder)
+        if last is None:
+            return disk.checkpoint_advice(None)
+        words = self.words if self.words[:1] in (["fit"], []) or self.words[0].startswith("-") else ["fit"]
+        command = command_line(words, drop=("--ckpt_path",)) + " " + shlex.join(["--ckpt_path", str(last)])
+        return f"the last good checkpoint is {last} (the checkpoints on disk are intact); free some space, then " \
+               f"resume with: {command}"
 
     def add_arguments_to_parser(self, parser) -> None:
         # Two checkpoint callbacks: the best by val/acc, and last.ckpt rewritten after every validation (since
@@ -168,7 +183,9 @@ class HandgradCLI(LightningCLI):
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-        if add_subcommands:
+        if not add_subcommands:  # the main job (and verify) take --ckpt_path as fit does
+            self.parser.add_argument("--ckpt_path", type=Optional[str], default=None, help=self.ckpt_help)
+        else:
             # `predict` alone takes --predict.images. No public hook tells add_arguments_to_parser which subcommand
             # it is building; LightningCLI keeps each subcommand's parser in _subcommand_parsers (2.5-2.6;
             # tests/test_standalone.py fails if that changes)
@@ -188,18 +205,22 @@ class HandgradCLI(LightningCLI):
         check_precision(config.trainer.precision)  # as typed: Lightning turns 16-mixed on a CPU into bf16-mixed
         logs_under_default_root_dir(config)
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and not (ckpt_path in ("best", "last", "hpc") or "://" in str(ckpt_path)
-                              or str(ckpt_path).startswith("registry")):
+        fit = subcommand == "fit" or (subcommand is None and self.resumes)
+        if ckpt_path in ("last", "best") and isinstance(config.trainer.logger, Namespace):
+            logger = config.trainer.logger.init_args
+            config.ckpt_path = ckpt_path = str(named_checkpoint(ckpt_path, Path(logger.save_dir) / logger.name, fit))
+        if ckpt_path and not ("://" in str(ckpt_path) or str(ckpt_path).startswith(("registry", "hpc"))):
             checkpoint = load_for_checks(ckpt_path)
             typed = typed_options(parser, args, subcommand)
             check_architecture(checkpoint, {k: config.model[k] for k in ARCHITECTURE if k in typed.get("model", {})},
                                ckpt_path)
-            if subcommand == "fit":
+            if fit:
                 check_resume(checkpoint, config, ckpt_path)
                 resume_in_its_run(config.trainer.logger, ckpt_path)
+                self.resumed = (checkpoint, Path(ckpt_path))
             elif subcommand:
                 evaluation_data_options(checkpoint, config, typed.get("data", {}), ckpt_path)
-            if subcommand:  # (verify only reads the weights)
+            if subcommand or fit:  # (verify only reads the weights)
                 self.checkpoint_statistics = checkpoint_statistics(checkpoint, ckpt_path)
 
     def instantiate_classes(self) -> None:
@@ -231,9 +252,14 @@ class HandgradCLI(LightningCLI):
         for logger in trainer.loggers:  # all checked: the run's folder is made and locked now (RunLogger.version)
             logger.version
 
+    resumes = True  # without a subcommand (the main job), --ckpt_path resumes a fit
+
     def before_fit(self) -> None:
         self.preflight()
         add_lr_monitor(self.trainer)
+        if self.resumed is not None and Path(self.trainer.log_dir or "").absolute() == \
+                self.resumed[1].absolute().parent.parent:  # resumed in its own run folder (resume_in_its_run)
+            prune_unknown_bests(self.resumed[0], self.resumed[1].parent)
 
     def before_validate(self) -> None:
         """validate, test and predict evaluate the weights of --ckpt_path: without one they would evaluate a freshly
@@ -266,9 +292,21 @@ def logs_under_default_root_dir(config: Namespace, under: str = "") -> None:
     folder ``under`` if given, as Lightning's own default logger does; filled in the parsed config (``config``: the
     subcommand's section), so the saved config.yaml shows it."""
     logger = config.trainer.logger
-    if isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER and logger.init_args.save_dir is None:
+    if is_run_logger(logger) and logger.init_args.save_dir is None:
         root = config.trainer.default_root_dir or "."
         logger.init_args.save_dir = str(Path(root) / under) if under else root
+
+
+def is_run_logger(logger) -> bool:
+    """Whether a parsed ``--trainer.logger`` is a :class:`RunLogger` (or a subclass of it: the sweep's)."""
+    if not isinstance(logger, Namespace) or "." not in str(logger.get("class_path")):
+        return False
+    module, _, name = logger.class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, RunLogger)
 
 
 def typed_options(parser, args, subcommand) -> dict:
@@ -293,8 +331,7 @@ def resume_in_its_run(logger, ckpt_path) -> None:
     run and the best-checkpoint callback finds its own folder again, so it keeps the best score of the epochs
     before the interruption (in a new version_N it would start its search anew)."""
     run = Path(str(ckpt_path)).absolute().parent.parent
-    if (isinstance(logger, Namespace) and logger.class_path == RUN_LOGGER
-            and logger.init_args.get("version") is None and run.name.startswith("version_")
+    if (is_run_logger(logger) and logger.init_args.get("version") is None and run.name.startswith("version_")
             and run.parent == (Path(logger.init_args.save_dir) / logger.init_args.name).absolute()):
         logger.init_args.version = run.name
 

@@ -95,14 +95,15 @@ class VerifyCLI(HandgradCLI):
     as typed, a malformed --config, a --ckpt_path of another architecture), logs in
     <--trainer.default_root_dir>/lightning_logs/version_N (:class:`handgrad.train.cli.RunLogger`)."""
 
+    resumes = False  # --ckpt_path: the weights to check at
+    ckpt_help = "check at the weights of this checkpoint (a fit's last.ckpt), not at initial ones"
+
     def __init__(self, args=None):
         super().__init__(args=args, run=False, description=__doc__)
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)  # --checkpoint.*, --last_checkpoint.*: a fit's config.yaml reads as is
         parser.add_class_arguments(VerifyOptions, "verify")
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                            help="check at the weights of this checkpoint (a fit's last.ckpt), not at initial ones")
         # accepted so that a config saved by fit (lightning_logs/version_N/config.yaml) can be passed as it is;
         # verify reads --ckpt_path with weights_only=True
         parser.add_argument("--weights_only", type=Optional[bool], default=None, help="(unused by verify)")
