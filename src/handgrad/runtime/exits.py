@@ -21,7 +21,9 @@ def command_line(words: list[str], drop: tuple[str, ...] = ()) -> str:
     """The command the user ran, with ``words`` after the program (options named in ``drop`` and their values left
     out), as a line to paste: ``python train.py ...`` (or ``python -m handgrad ...``)."""
     program = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "train.py"
-    prefix = ["python", "-m", "handgrad"] if program.endswith("__main__.py") else ["python", program]
+    if program.endswith("__main__.py"):  # `python -m handgrad`; or handgrad called in another program's process
+        program = "-m handgrad" if Path(program).parent.name == "handgrad" else "train.py"
+    prefix = ["python", *program.split(" ", 1)] if program == "-m handgrad" else ["python", program]
     kept, skip = [], False
     for word in words:
         if skip:

@@ -26,6 +26,7 @@ from handgrad.sweep.fused import COMPILE_MODES, Compile, FusedStep
 from handgrad.sweep.outcome import METRICS, STEPS
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import is_better
+from handgrad.train.callbacks import EndProgressLine
 from handgrad.train.model_setup import scaler_settings, setup_model
 
 
@@ -140,6 +141,9 @@ class GridClassifier(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def configure_callbacks(self) -> list:
+        return [EndProgressLine()]  # an error after the progress bar starts a line of its own
 
     def configure_optimizers(self):
         return GridSGD(self.net.parameters(), **{k: [m[k] for m in self.members] for k in HYPERPARAMETERS})

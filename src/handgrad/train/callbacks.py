@@ -10,6 +10,7 @@
                       hp/val_acc_best, hp/best_epoch, ... and hp/test_acc; the CUSTOM SCALARS charts (train and
                       val together)
     DataSamples       a look at the data when fit starts: a grid of training images per class, the class counts
+    EndProgressLine   an error after a progress bar starts on a line of its own
 
 What the pictures and the HPARAMS entries look like, and the tag scheme: :mod:`handgrad.train.views`.
 
@@ -18,6 +19,7 @@ Every per-step hook returns at once on the steps where it has nothing to write.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -174,6 +176,15 @@ class DataSamples(Callback):
         tb.add_image("data/samples", labelled_grid(data.sample_grid, data.class_names), 0)
         tb.add_text("data/class_counts", data.class_counts_table(), 0)
         self.logged = True
+
+
+class EndProgressLine(Callback):
+    """When training stops on an exception, end the progress bar's line (Lightning's bar writes to stdout without a
+    newline until it closes), so that the ``error:`` line printed next starts a line of its own (``grep '^error:'``)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled:
+            print(file=sys.stdout, flush=True)
 
 
 def add_lr_monitor(trainer) -> None:

@@ -138,13 +138,15 @@ def _number(name: str) -> int:
     return int(name[8:]) if name[8:].isdigit() else -1
 
 
-def prune_unknown_bests(checkpoint: dict, folder: Path) -> list[Path]:
-    """Before a fit resumes in its own run: remove the ``best-*.ckpt`` in ``folder`` that the checkpoint's best-model
-    callback does not know (written after it, by the run being resumed, before it was interrupted): the resumed
-    run redoes those epochs and finds its own best, so it ends with exactly one best (and no ``-v1`` copy)."""
+def prune_unknown_checkpoints(checkpoint: dict, folder: Path) -> list[Path]:
+    """Before a fit resumes in its own run: remove the ``best-*.ckpt`` and ``last*.ckpt`` in ``folder`` that the
+    checkpoint's callbacks do not know (written after it by the run being resumed, before it was interrupted):
+    the resumed run redoes those steps and writes its own, so it ends with exactly one best and one last (no
+    stale best beside the real one, no ``-v1`` copy)."""
     known = {Path(p).name for state in checkpoint.get("callbacks", {}).values() if isinstance(state, dict)
-             for p in (*state.get("best_k_models", {}), state.get("best_model_path") or "")}
-    removed = [p for p in folder.glob("best-*.ckpt") if p.name not in known]
+             for p in (*state.get("best_k_models", {}), state.get("best_model_path") or "",
+                       state.get("last_model_path") or "")}
+    removed = [p for pattern in ("best-*.ckpt", "last*.ckpt") for p in folder.glob(pattern) if p.name not in known]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed

@@ -40,7 +40,7 @@ from handgrad.train.callbacks import add_lr_monitor
 from handgrad.runtime.exits import command_line
 from handgrad.train.checkpoints import (ARCHITECTURE, AtomicCheckpointIO, check_architecture, check_resume,
                                         checkpoint_statistics, evaluation_data_options, load_for_checks,
-                                        named_checkpoint, prune_unknown_bests)
+                                        named_checkpoint, prune_unknown_checkpoints)
 from handgrad.train.model_setup import check_precision
 from handgrad.train.module import HandgradClassifier
 from handgrad.train.predict import ImagePredictionWriter, PredictionWriter
@@ -113,7 +113,8 @@ class HandgradArgumentParser(LightningArgumentParser):
         text = " ".join(str(message).split())
         if hint := did_you_mean(text, parser):
             text += f"; did you mean {hint}?"
-        print(f"error: {text} (see: {parser.prog.replace(' [options]', '')} --help)", file=sys.stderr)
+        words = parser.prog.replace(" [options]", "").split()[1:]  # the subcommand, if any
+        print(f"error: {text} (see: {command_line([*words, '--help'])})", file=sys.stderr)
         sys.exit(2)
 
 
@@ -259,7 +260,7 @@ class HandgradCLI(LightningCLI):
         add_lr_monitor(self.trainer)
         if self.resumed is not None and Path(self.trainer.log_dir or "").absolute() == \
                 self.resumed[1].absolute().parent.parent:  # resumed in its own run folder (resume_in_its_run)
-            prune_unknown_bests(self.resumed[0], self.resumed[1].parent)
+            prune_unknown_checkpoints(self.resumed[0], self.resumed[1].parent)
 
     def before_validate(self) -> None:
         """validate, test and predict evaluate the weights of --ckpt_path: without one they would evaluate a freshly

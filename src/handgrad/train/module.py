@@ -38,7 +38,7 @@ from handgrad.core.distributed import all_reduce_gradients, is_distributed, worl
 from handgrad.core.mlp import MLP
 from handgrad.data.normalization import InputContract
 from handgrad.runtime.errors import ConfigError, SetupError
-from handgrad.train.callbacks import ClassMetrics, DataSamples, HparamsLogger, StepLogger
+from handgrad.train.callbacks import ClassMetrics, DataSamples, EndProgressLine, HparamsLogger, StepLogger
 from handgrad.train.checkpoints import StoppedMidEpoch, check_state_dict_fits
 from handgrad.train.epoch_metrics import EpochMetrics
 from handgrad.train import model_setup
@@ -150,7 +150,7 @@ class HandgradClassifier(InputContract, EpochMetrics, FiniteLossGuard, L.Lightni
         trainer has already are left out (added once; a caller's own wins, e.g. a sweep's HparamsLogger)."""
         if self._callbacks is None:
             self._callbacks = [StepLogger(self.hparams.log_histograms_every_n_steps), ClassMetrics(), HparamsLogger(),
-                               DataSamples(), StoppedMidEpoch()]
+                               DataSamples(), EndProgressLine(), StoppedMidEpoch()]
         return [c for c in self._callbacks if not any(isinstance(t, type(c)) for t in self.trainer.callbacks)]
 
     def configure_optimizers(self):
