@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import json
 import math
+import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -364,7 +365,7 @@ def verify(args: Optional[list[str]] = None) -> Optional[dict]:
     failed = sum(r["verdict"] == "FAIL" for r in report["rows"])
     each = ", ".join(f"{name} {t:.1f}" for name, t in report["seconds_per_check"].items())
     print(f"\n{len(report['rows'])} checks, {failed} failed, in {report['seconds']:.1f} s ({each}); report: "
-          f"{run / 'verify.json'} (and TensorBoard: tensorboard --logdir {run.parent})")
+          f"{run / 'verify.json'} (and TensorBoard: tensorboard --logdir {shlex.quote(str(run.parent))})")
     return report
 
 
