@@ -26,6 +26,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -167,6 +168,13 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
         except RuntimeError as e:
             raise BadDataError(f"{p} cannot be decoded ({str(e).splitlines()[-1]}); replace or remove it.") from e
     return images
+
+
+def rgb_tensor(pixels: Union[bytes, bytearray]) -> torch.Tensor:
+    """32x32 RGB bytes of N images, one after the other (height x width x 3 each), as uint8 (N, 3, 32, 32)."""
+    if not pixels:
+        return torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(-1, 32, 32, 3).permute(0, 3, 1, 2).contiguous()
 
 
 def decode_files(paths: list[str], workers: int = 0) -> torch.Tensor:
