@@ -99,7 +99,7 @@ class DecoderProcess:
             return self.ended()
         if status == IMAGE and len(payload) != PIXEL_BYTES:
             return f"the decoder returned {len(payload)} bytes instead of {PIXEL_BYTES}"
-        return bytes(payload) if status == IMAGE else payload.decode(errors="replace")
+        return bytes(payload) if status == IMAGE else " ".join(payload.decode(errors="replace").split())
 
     def start(self) -> None:
         """A fresh worker, ready (it has imported Pillow); SetupError if it cannot start."""
