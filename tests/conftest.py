@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import pathlib
 import tarfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,8 +24,6 @@ def write_image_folder(root: pathlib.Path, per_class_train: int = 20, per_class_
     ``{split: (uint8 images (N, 3, 32, 32), class names list)}`` in the order the files were written
     (sorted by class, then file name).
     """
-    from torchvision.io import write_png
-
     g = torch.Generator().manual_seed(seed)
     written = {}
     for split, n in (("train", per_class_train), ("test", per_class_test)):
@@ -33,11 +34,23 @@ def write_image_folder(root: pathlib.Path, per_class_train: int = 20, per_class_
             for i in range(n):
                 img = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.int64)
                 img = ((img + 20 * k) % 256).to(torch.uint8)
-                write_png(img, str(d / f"{i:04d}.png"))
+                save_image(img, d / f"{i:04d}.png")
                 imgs.append(img)
                 names.append(c)
         written[split] = (torch.stack(imgs), names)
     return written
+
+
+def save_image(img: torch.Tensor, path, **options) -> None:
+    """Write uint8 (3, H, W) pixels with Pillow, in the format of the file name (PNG, JPEG: ``options`` such as
+    quality)."""
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, **options)
+
+
+def png_pixels(data: bytes) -> torch.Tensor:
+    """An encoded PNG's pixels as uint8 (C, H, W), its channels as stored (Pillow)."""
+    a = np.array(Image.open(io.BytesIO(data)))
+    return torch.from_numpy(a if a.ndim == 3 else a[:, :, None]).permute(2, 0, 1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchvision.transforms.v2.functional import resize
 
 from handgrad.sweep.selected import selected_checkpoint
 from handgrad.data.datamodule import CIFAR10DataModule
@@ -208,11 +207,11 @@ def test_predict_own_images_without_cifar_data(trained, tmp_path, capsys):
     rows = csv_rows(log_dir / "predictions.csv")
     assert [Path(r["file"]).relative_to(folder).as_posix() for r in rows] == sorted(images)
     assert list(rows[0]) == ["file", "predicted_class", "p_cat", "p_ship", "p_bird"]
-    # reference: decoded with PIL, resized as documented, classified by the checkpoint alone
+    # reference: decoded with PIL, resized as documented (handgrad.data.image_decoder), classified by the checkpoint
     model = HandgradClassifier.load_from_checkpoint(best, map_location="cpu")
     for r in rows:
-        img = torch.from_numpy(np.array(images[Path(r["file"]).relative_to(folder).as_posix()])).permute(2, 0, 1)
-        name, p = model.classify(resize(img, [32, 32], antialias=True))
+        img = images[Path(r["file"]).relative_to(folder).as_posix()].resize((32, 32), Image.BILINEAR, reducing_gap=None)
+        name, p = model.classify(torch.from_numpy(np.array(img)).permute(2, 0, 1))
         assert r["predicted_class"] == name
         assert [float(r[f"p_{c}"]) for c in CLASSES] == pytest.approx(p.tolist(), abs=1e-6)
         assert Path(r["file"]).name in out  # the printed table

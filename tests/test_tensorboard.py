@@ -13,10 +13,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
-from torchvision.io import decode_png
 
 from handgrad.train.views import (KEY_HPARAMS, METRICS, SWEEP_METRICS, add_layout, confusion_matrix_image,
                                         final_metrics, log_hparams, run_hparams, write_experiment)
+
+from conftest import png_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -45,7 +46,7 @@ def layout(ev: EventAccumulator) -> layout_pb2.Layout:
 
 
 def image(ev: EventAccumulator, tag: str) -> torch.Tensor:
-    return decode_png(torch.frombuffer(bytearray(ev.Images(tag)[-1].encoded_image_string), dtype=torch.uint8))
+    return png_pixels(ev.Images(tag)[-1].encoded_image_string)
 
 
 def values(ev: EventAccumulator, tag: str) -> list[float]:

@@ -10,6 +10,9 @@ Images come back in a canonical order that depends only on the *set* of chosen c
 the pickle batches; class in CIFAR-10 label order, then file name, for folders), with CIFAR-10 label indices
 0..9. Remapping labels to the user's class order is the DataModule's job.
 
+Image files are decoded with Pillow (libjpeg-turbo for JPEGs: the pixels torchvision's decode_jpeg gave), each
+file's header checked first (32x32 RGB, else refused before decoding), in ``--data.num_workers`` threads.
+
 Decoding is announced with log lines on rank 0 (Lightning's logger, INFO), and so is a decoded-image cache that does
 not fit and is rebuilt. Several processes may load one data_dir at once: one decodes and writes the cache, holding
 handgrad.runtime.locks, the others wait for it and read the cache.
@@ -18,6 +21,7 @@ handgrad.runtime.locks, the others wait for it and read the cache.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -26,13 +30,15 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 from torchvision.datasets import CIFAR10
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from handgrad.data.image_decoder import FORMATS, reason
 from handgrad.runtime import disk, locks
 from handgrad.runtime.atomic import atomic_write
 from handgrad.runtime.errors import BadDataError, DataNotFoundError, OutputDirError
@@ -152,40 +158,45 @@ def read_pickle_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), torch.from_numpy(labels)
 
 
-def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
-    """Read the bytes, decode all JPEGs in one batched call; on failure decode one by one to name the bad file."""
-    datas = [read_file(p) for p in paths]
+def decode_file(path: str) -> bytes:
+    """One image file as 32x32 RGB bytes (row-major, height x width x 3), decoded with Pillow (libjpeg-turbo for a
+    JPEG, as torchvision's decode_jpeg: the same pixels). Its header is checked first: an image that is not 32x32 RGB
+    (a palette is expanded) is refused before it is decoded. Raises BadDataError naming the file."""
     try:
-        if all(p.lower().endswith((".jpg", ".jpeg")) for p in paths):
-            return decode_jpeg(datas, mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, TypeError):  # a bad file, or a torchvision < 0.19 without batched decoding
-        pass
-    images = []
-    for p, d in zip(paths, datas):
-        try:
-            images.append(decode_image(d, mode=ImageReadMode.UNCHANGED))
-        except RuntimeError as e:
-            raise BadDataError(f"{p} cannot be decoded ({str(e).splitlines()[-1]}); replace or remove it.") from e
-    return images
+        with open(path, "rb") as f:  # one read, not Pillow's many small ones (each lets go of the GIL)
+            data = io.BytesIO(f.read())
+        with Image.open(data, formats=FORMATS) as img:
+            rgb = img.mode == "RGB" or (img.mode == "P" and "transparency" not in img.info)
+            if img.size != (32, 32) or not rgb:
+                raise BadDataError(f"{path} is {img.width}x{img.height} in mode {img.mode}; CIFAR-10 images must be "
+                                   f"32x32 RGB. Convert or remove it.")
+            img.load()
+            return img.tobytes() if img.mode == "RGB" else img.convert("RGB").tobytes()
+    except BadDataError:
+        raise
+    except Exception as e:  # Pillow's exceptions: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise BadDataError(f"{path} cannot be decoded ({reason(e)}); replace or remove it.") from e
+
+
+def rgb_tensor(pixels: Union[bytes, bytearray]) -> torch.Tensor:
+    """32x32 RGB bytes of N images, one after the other (height x width x 3 each), as uint8 (N, 3, 32, 32)."""
+    if not pixels:
+        return torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(-1, 32, 32, 3).permute(0, 3, 1, 2).contiguous()
 
 
 def decode_files(paths: list[str], workers: int = 0) -> torch.Tensor:
-    """Decode image files to one uint8 tensor (N, 3, 32, 32); `workers` > 1 decodes in that many threads."""
+    """Decode image files to one uint8 tensor (N, 3, 32, 32); `workers` > 1 decodes in that many threads (Pillow
+    lets go of the GIL while it decodes; its header parsing holds it)."""
     workers = min(workers, len(paths))  # no empty chunks
-    if workers > 1 and len(paths) > 1:
-        chunks = [paths[i::workers] for i in range(workers)]
-        with ThreadPoolExecutor(workers) as ex:
-            decoded = list(ex.map(_decode_chunk, chunks))
-        images = [None] * len(paths)
-        for i, chunk in enumerate(decoded):
-            images[i::workers] = chunk
-    else:
-        images = _decode_chunk(paths)
-    for p, img in zip(paths, images):
-        if img.shape != (3, 32, 32):
-            raise BadDataError(f"{p} is {'x'.join(map(str, img.shape[1:]))} with {img.shape[0]} channel(s); "
-                               f"CIFAR-10 images must be 32x32 RGB. Convert or remove it.")
-    return torch.stack(images)
+    if workers < 2:
+        return rgb_tensor(b"".join(map(decode_file, paths)))
+    with ThreadPoolExecutor(workers) as ex:  # one chunk a thread: paths[i::workers]
+        chunks = list(ex.map(lambda i: [decode_file(p) for p in paths[i::workers]], range(workers)))
+    pixels = [None] * len(paths)
+    for i, chunk in enumerate(chunks):
+        pixels[i::workers] = chunk
+    return rgb_tensor(b"".join(pixels))
 
 
 def decode(source: Source, files: dict, class_ids: list[int], workers: int = 0) -> dict:

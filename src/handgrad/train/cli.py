@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from handgrad.data.datamodule import CIFAR10DataModule
+from handgrad.data.image_decoder import MAX_PIXELS
 from handgrad.data.images import ImageFiles, load
 from handgrad.runtime import disk, run_folders
 from handgrad.runtime.errors import ConfigError, HandgradError
@@ -187,13 +188,18 @@ class HandgradCLI(LightningCLI):
         if not add_subcommands:  # the main job (and verify) take --ckpt_path as fit does
             self.parser.add_argument("--ckpt_path", type=Optional[str], default=None, help=self.ckpt_help)
         else:
-            # `predict` alone takes --predict.images. No public hook tells add_arguments_to_parser which subcommand
-            # it is building; LightningCLI keeps each subcommand's parser in _subcommand_parsers (2.5-2.6;
-            # tests/test_standalone.py fails if that changes)
-            self._subcommand_parsers["predict"].add_argument(
+            # `predict` alone takes --predict.images and --predict.max_pixels. No public hook tells
+            # add_arguments_to_parser which subcommand it is building; LightningCLI keeps each subcommand's parser
+            # in _subcommand_parsers (2.5-2.6; tests/test_standalone.py fails if that changes)
+            predict = self._subcommand_parsers["predict"]
+            predict.add_argument(
                 "--predict.images", type=Optional[str], default=None,
                 help="predict these images instead of the test split: a PNG/JPEG file, a folder of them or a glob "
                      "pattern; written to predictions.csv in the run folder (no CIFAR-10 data needed)")
+            predict.add_argument(
+                "--predict.max_pixels", type=int, default=MAX_PIXELS,
+                help=f"--predict.images: an image whose header declares more pixels (width x height) than this is "
+                     f"skipped, with one line, before it is decoded (default {MAX_PIXELS}: Pillow's MAX_IMAGE_PIXELS)")
 
     # ---------------------------------------------------------------- before anything is built
 
@@ -277,12 +283,13 @@ class HandgradCLI(LightningCLI):
     def before_predict(self) -> None:
         """`predict --predict.images PATH`: the images replace the data module (the model normalizes them with its
         checkpoint's statistics: no CIFAR-10 data is read); else the test split, written to predictions.csv."""
-        images = (self.config["predict"].get("predict") or {}).get("images")
+        options = self.config["predict"].get("predict") or {}
+        images = options.get("images")
         if not images:
             self.before_validate()
             self.trainer.callbacks.append(PredictionWriter())
             return
-        x, files = load(images)
+        x, files = load(images, options.get("max_pixels", MAX_PIXELS))
         self.datamodule = ImageFiles(x, files, self.model.class_names, batch_size=self.config["predict"].data.batch_size)
         self.before_validate()
         self.trainer.callbacks.append(ImagePredictionWriter(files))
