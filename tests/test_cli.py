@@ -61,17 +61,19 @@ def test_fit_validate_test_predict(cli_args, tmp_path, capsys):
 
     ev = events(log_dir)
     tags = ev.Tags()
-    assert {"train/loss_step", "train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc",
-            "val/acc_airplane", "val/acc_bird", "hp/val_acc_last", "hp/val_acc_best"} <= set(tags["scalars"])
-    assert "hp/test_acc" not in tags["scalars"]  # no test ran: no value (no NaN placeholder)
-    assert {"val/confusion_matrix", "data/samples"} <= set(tags["images"])
-    assert {f"{kind}/fc.{l}.{p}" for kind in ("weights", "grads") for l in (1, 2) for p in ("weight", "bias")} \
+    # (TensorBoard's tags: the four epoch curves as named, anything else after them, "~" first: views.tensorboard_tag)
+    assert {"~train/loss_step", "train/loss", "train/acc", "~train/grad_norm", "val/loss", "val/acc",
+            "~val/acc_airplane", "~val/acc_bird", "~hp/val_acc_last", "~hp/val_acc_best"} <= set(tags["scalars"])
+    assert "~hp/test_acc" not in tags["scalars"]  # no test ran: no value (no NaN placeholder)
+    assert "epoch" not in tags["scalars"]  # Lightning's epoch counter: not written (RunLogger)
+    assert {"~val/confusion_matrix", "~data/samples"} <= set(tags["images"])
+    assert {f"~{kind}/fc.{l}.{p}" for kind in ("weights", "grads") for l in (1, 2) for p in ("weight", "bias")} \
         <= set(tags["histograms"])
-    assert [e.step for e in ev.Histograms("grads/fc.1.weight")] == [0, 2, 4, 6]
+    assert [e.step for e in ev.Histograms("~grads/fc.1.weight")] == [0, 2, 4, 6]
     assert "_hparams_/experiment" in ev.PluginTagToContent("hparams")
     # LearningRateMonitor: the learning rate of each epoch
-    assert [e.value for e in ev.Scalars("lr-SGD")] == pytest.approx([cli.model.hparams.lr] * 2)
-    assert len(ev.Scalars("train/loss_step")) == 8 and len(ev.Scalars("val/acc")) == 2
+    assert [e.value for e in ev.Scalars("~lr-SGD")] == pytest.approx([cli.model.hparams.lr] * 2)
+    assert len(ev.Scalars("~train/loss_step")) == 8 and len(ev.Scalars("val/acc")) == 2
     assert (log_dir / "config.yaml").is_file() and (log_dir / "hparams.yaml").is_file()
 
     ckpts = log_dir / "checkpoints"
@@ -91,9 +93,9 @@ def test_fit_validate_test_predict(cli_args, tmp_path, capsys):
     test_dir = Path(test.trainer.logger.log_dir)
     assert test_dir.name == "version_2"
     ev = events(test_dir)
-    assert {"test/loss", "test/acc", "test/acc_airplane", "test/acc_bird", "hp/test_acc"} <= set(ev.Tags()["scalars"])
-    assert "test/confusion_matrix" in ev.Tags()["images"]
-    assert ev.Scalars("test/acc")[-1].value == pytest.approx(accuracy(Path(best), dm.test_x, dm.test_y), abs=1e-6)
+    assert {"~test/loss", "~test/acc", "~test/acc_airplane", "~test/acc_bird", "~hp/test_acc"} <= set(ev.Tags()["scalars"])
+    assert "~test/confusion_matrix" in ev.Tags()["images"]
+    assert ev.Scalars("~test/acc")[-1].value == pytest.approx(accuracy(Path(best), dm.test_x, dm.test_y), abs=1e-6)
 
     pred = train.main(["predict", *cli_args, "--ckpt_path", best])
     rows = list(csv.DictReader(open(Path(pred.trainer.log_dir) / "predictions.csv")))
@@ -120,12 +122,12 @@ def test_default_job_fits_tests_and_prints_a_summary(cli_args, tmp_path, capsys)
     test_acc = accuracy(Path(best), dm.test_x, dm.test_y)
     assert f"test acc (best)  : {test_acc:.4f}" in out
     ev = events(tmp_path / "lightning_logs" / "version_0")
-    assert "test/acc" in ev.Tags()["scalars"]
+    assert "~test/acc" in ev.Tags()["scalars"]
     # the HPARAMS tab: the best epoch's val accuracy (the tested checkpoint's) beside its test accuracy, and the last's
     best_val = float(cli.trainer.checkpoint_callbacks[0].best_model_score)
-    assert [e.value for e in ev.Scalars("hp/val_acc_best")] == pytest.approx([best_val], abs=1e-6)
-    assert [e.value for e in ev.Scalars("hp/val_acc_last")] == pytest.approx([ev.Scalars("val/acc")[-1].value])
-    assert ev.Scalars("hp/test_acc")[-1].value == pytest.approx(test_acc, abs=1e-6)
+    assert [e.value for e in ev.Scalars("~hp/val_acc_best")] == pytest.approx([best_val], abs=1e-6)
+    assert [e.value for e in ev.Scalars("~hp/val_acc_last")] == pytest.approx([ev.Scalars("val/acc")[-1].value])
+    assert ev.Scalars("~hp/test_acc")[-1].value == pytest.approx(test_acc, abs=1e-6)
 
 
 def test_default_job_without_validation_says_it_tested_the_last_weights(cli_args, capsys):

@@ -182,7 +182,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch, strategy):
             assert (w - ref[name]).abs().max() < 1e-12, (backprop, name)
         metrics = scalars(log_dir)
         # train/acc is summed over the processes' shards, train/loss is the global batch's; val is complete on each
-        for tag in ("train/loss_step", "train/loss", "train/acc", "train/grad_norm", "val/loss", "val/acc"):
+        for tag in ("~train/loss_step", "train/loss", "train/acc", "~train/grad_norm", "val/loss", "val/acc"):
             assert len(metrics[tag]) == len(ref_metrics[tag]) > 0, (backprop, tag)
             assert metrics[tag] == pytest.approx(ref_metrics[tag], abs=1e-6), (backprop, tag)
     assert ref_metrics["train/loss"][1] < ref_metrics["train/loss"][0]  # it trained: not vacuous

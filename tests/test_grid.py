@@ -483,6 +483,11 @@ def test_test_evaluates_only_the_selected_member():
         out = mlp(x.double())
     assert model.test_result["test_acc"] == pytest.approx(float((out.argmax(1) == y).double().mean()), abs=1e-12)
     assert model.test_result["test_loss"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-9)
+    # its confusion matrix (rows: the true class), the one the sweep shows in the selected member's TensorBoard run
+    k = SIZES[-1]
+    expected = torch.zeros(k, k, dtype=torch.long)
+    expected.index_put_((y.cpu(), out.argmax(1).cpu()), torch.ones(len(y), dtype=torch.long), accumulate=True)
+    assert torch.equal(model.test_result["confusion_matrix"], expected)
 
 
 def test_checkpoint_holds_momentum_buffers_and_resume_is_exact(tmp_path):

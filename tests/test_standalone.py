@@ -217,7 +217,7 @@ def test_predict_own_images_without_cifar_data(trained, tmp_path, capsys):
         assert Path(r["file"]).name in out  # the printed table
     ev = EventAccumulator(str(log_dir), size_guidance={"images": 0})
     ev.Reload()
-    assert "predict/images" in ev.Tags()["images"]
+    assert "~predict/images" in ev.Tags()["images"]
 
 
 @pytest.mark.parametrize("what", ["empty folder", "no match", "all unreadable"])

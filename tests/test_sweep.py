@@ -114,8 +114,8 @@ def test_sweep_batched_equals_sequential_and_writes_results(image_folder, tmp_pa
             run = log_dir / names[i]
             assert (run / "hparams.yaml").exists()
             s = scalars(run)
-            assert s["hp/val_acc_last"][-1][1] == pytest.approx(float(r["val_acc"]), abs=1e-6)
-            assert s["hp/selected"][-1][1] == float(i == best)
+            assert s["~hp/val_acc_last"][-1][1] == pytest.approx(float(r["val_acc"]), abs=1e-6)
+            assert s["~hp/selected"][-1][1] == float(i == best)
             assert len(s["val/acc"]) == 2
     b_rows, s_rows = read_csv(Path(batched["log_dir"]) / "results.csv"), read_csv(Path(sequential["log_dir"]) / "results.csv")
     assert float(b_rows[batched["best"]]["test_acc"]) == pytest.approx(float(s_rows[sequential["best"]]["test_acc"]), abs=1e-6)

@@ -1,7 +1,9 @@
 """A sweep as TensorBoard shows it (read back from its event files), and its selected.ckpt used on its own: the
-member runs named by what varies, each with its HPARAMS row (no NaN; hp/selected, hp/test_acc on the selected
-member only) and the CUSTOM SCALARS layout; the experiment at the sweep's log root; `train.py test --ckpt_path
-selected.ckpt --data.data_dir D` gives the sweep's test accuracy (issue 13 part 3, issue 17)."""
+member runs named by what varies, and no other run (nothing at the log root), TIME SERIES opening on the train and
+val curves, each member with its HPARAMS row (no NaN; hp/selected, hp/test_acc on the selected member only) and
+the CUSTOM SCALARS layout; the experiment in the first member's run, its columns what varies and lr; the selected
+member's test confusion matrix in its run; `train.py test --ckpt_path selected.ckpt --data.data_dir D` gives the
+sweep's test accuracy (issue 13 part 3, issue 17)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch
 
 from handgrad.sweep import run as sweep
 from handgrad.data.datamodule import CIFAR10DataModule
-from handgrad.train.views import SWEEP_METRICS
+from handgrad.train.views import SWEEP_METRICS, tensorboard_tag
 
-from test_tensorboard import events, hparams_data, layout, values
+from test_tensorboard import events, first_screen, hparams_data, image, layout, values
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -46,21 +48,31 @@ def test_a_sweep_in_tensorboard(image_folder, tmp_path, monkeypatch, mode):
     names = (["00_m0_wd0_s1", "01_m0_wd0_s2", "02_m0.9_wd0.001_s1", "03_m0.9_wd0.001_s2"] if mode == "batched"
              else ["00_m0_wd0", "01_m0.9_wd0.001"])
     assert sorted(p.name for p in log_dir.iterdir() if p.is_dir() and p.name != "chunks") == names
+    # no run `.`: nothing for TensorBoard at the log root, the member runs are all its runs
+    assert not list(log_dir.glob("events.out.tfevents.*"))
+    runs = {name: events(log_dir / name) for name in names}
+    # TIME SERIES opens on the train and val curves (of every member), nothing else in their groups
+    assert first_screen(*runs.values()) == {"train": ["train/acc", "train/loss"], "val": ["val/acc", "val/loss"]}
 
-    # the experiment, once, at the log root: the varying hyperparameters shown first, the sweep's metrics
-    root_data = hparams_data(events(log_dir))
-    assert set(root_data) == {"experiment"}
-    experiment = root_data["experiment"].experiment
+    # the experiment, once, in the first member's run: the columns are what varies and lr (TensorBoard ticks the
+    # first five: a constant would be ticked), all marked; then the sweep's metrics
+    assert [name for name in names if "experiment" in hparams_data(runs[name])] == [names[0]]
+    experiment = hparams_data(runs[names[0]])["experiment"].experiment
     varying = {"momentum", "weight_decay"} | ({"seed"} if mode == "batched" else set())
-    assert {h.name for h in experiment.hparam_infos if h.differs} == varying
-    assert {"lr", "batch_size", "max_epochs", "sizes", "classes"} <= {h.name for h in experiment.hparam_infos}
-    assert [m.name.tag for m in experiment.metric_infos] == list(SWEEP_METRICS)
+    assert {h.name for h in experiment.hparam_infos if h.differs} == varying | {"lr"}
+    assert {h.name for h in experiment.hparam_infos} == varying | {"lr"}  # lr is 0.05 in both: shown all the same
+    assert [m.display_name for m in experiment.metric_infos] == list(SWEEP_METRICS)
+    assert [m.name.tag for m in experiment.metric_infos] == [tensorboard_tag(m) for m in SWEEP_METRICS]
 
     for k, name in enumerate(names):
-        ev = events(log_dir / name)
+        ev = runs[name]
         data = hparams_data(ev)
-        assert set(data) == {"session_start_info", "session_end_info"}  # its row; no columns of its own
+        # its row; the columns in the first run only
+        assert set(data) == {"session_start_info", "session_end_info"} | ({"experiment"} if k == 0 else set())
         start = data["session_start_info"].session_start_info.hparams
+        # the constants: no columns, but in every row
+        assert {"lr", "batch_size", "max_epochs", "sizes", "classes"} <= set(start)
+        assert start["classes"].string_value == "cat-ship-bird" and start["sizes"].string_value == "3072-8-3"
         assert start["momentum"].number_value == rows[k]["momentum"]
         assert start["weight_decay"].number_value == rows[k]["weight_decay"]
         if mode == "batched":
@@ -68,9 +80,11 @@ def test_a_sweep_in_tensorboard(image_folder, tmp_path, monkeypatch, mode):
         assert {c.title for c in layout(ev).category[0].chart} == {"loss", "accuracy"}
         tags = set(ev.Tags()["scalars"])
         assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= tags and len(values(ev, "val/acc")) == 2
-        assert {"hp/val_acc_last", "hp/val_acc_best", "hp/best_epoch", "hp/train_acc_last", "hp/val_loss_last",
-                "hp/selected"} <= tags
-        assert ("hp/test_acc" in tags) == (k == best)  # only the selected member was tested
+        assert {"~hp/val_acc_last", "~hp/val_acc_best", "~hp/best_epoch", "~hp/train_acc_last", "~hp/val_loss_last",
+                "~hp/selected"} <= tags
+        assert "epoch" not in tags and all(t in {"train/loss", "train/acc", "val/loss", "val/acc"} or t[0] == "~"
+                                           for t in tags)
+        assert ("~hp/test_acc" in tags) == (k == best)  # only the selected member was tested
         assert all(math.isfinite(v) for tag in tags for v in values(ev, tag))
         assert values(ev, "hp/selected") == [float(k == best)]
         assert values(ev, "hp/val_acc_last") == pytest.approx([rows[k]["val_acc"]], abs=1e-6)
@@ -78,7 +92,17 @@ def test_a_sweep_in_tensorboard(image_folder, tmp_path, monkeypatch, mode):
         assert values(ev, "hp/val_loss_last") == pytest.approx([rows[k]["val_loss"]], abs=1e-6)
         if k == best:
             assert values(ev, "hp/test_acc") == pytest.approx([rows[k]["test_acc"]], abs=1e-6)
-        assert not {"test/acc", "test/loss"} & tags or k == best
+        assert not {"~test/acc", "~test/loss"} & tags or k == best
+        # the selected member's test confusion matrix, as the main job's test writes it: picture and table
+        assert ("~test/confusion_matrix" in ev.Tags()["images"]) == (k == best)
+        if k == best:
+            assert image(ev, "~test/confusion_matrix").shape[2] >= 400
+            text = ev.Tensors("~test/confusion_matrix/text_summary")[-1].tensor_proto.string_val[0].decode()
+            lines = text.splitlines()
+            assert lines[0].split("|")[2:5] == [" cat ", " ship ", " bird "]
+            counts = [[int(c) for c in line.strip("|").split("|")[1:]] for line in lines[2:]]
+            assert sum(map(sum, counts)) == 18  # the test split: 6 images of each class
+            assert sum(counts[i][i] for i in range(3)) / 18 == pytest.approx(rows[k]["test_acc"], abs=1e-6)
 
 
 def test_selected_checkpoint_stands_on_its_own(image_folder, tmp_path, monkeypatch, capsys):

@@ -1,8 +1,10 @@
 """What TensorBoard shows, read back from the event files as TensorBoard reads them: one tag scheme for the main job
-and `fit`, the HPARAMS columns and values (no NaN), the CUSTOM SCALARS charts, and pictures people can read."""
+and `fit`, whose TIME SERIES opens on the train and val curves alone, the HPARAMS columns and values (no NaN), the
+CUSTOM SCALARS charts, and pictures people can read."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import re
@@ -14,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from handgrad.train.views import (KEY_HPARAMS, METRICS, SWEEP_METRICS, add_layout, confusion_matrix_image,
-                                        final_metrics, log_hparams, run_hparams, write_experiment)
+from handgrad.train.views import (CURVES, KEY_HPARAMS, METRICS, SWEEP_METRICS, add_layout, confusion_matrix_image,
+                                  final_metrics, log_hparams, run_hparams, tensorboard_tag, write_experiment)
 
 from conftest import png_pixels
 
@@ -24,8 +26,8 @@ _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
 train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train)
 
-EPOCH_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr-SGD"}
-STEP_TAGS = {"train/loss_step", "train/grad_norm"}
+EPOCH_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "~lr-SGD"}
+STEP_TAGS = {"~train/loss_step", "~train/grad_norm"}
 
 
 def events(log_dir: Path) -> EventAccumulator:
@@ -49,8 +51,53 @@ def image(ev: EventAccumulator, tag: str) -> torch.Tensor:
     return png_pixels(ev.Images(tag)[-1].encoded_image_string)
 
 
-def values(ev: EventAccumulator, tag: str) -> list[float]:
-    return [e.value for e in ev.Scalars(tag)]
+def values(ev: EventAccumulator, name: str) -> list[float]:
+    """The values of metric ``name`` (``hp/val_acc_best``: under its tag ``~hp/val_acc_best``)."""
+    return [e.value for e in ev.Scalars(tensorboard_tag(name))]
+
+
+def tag_order(a: str, b: str) -> int:
+    """TensorBoard 2.21's order of tags in TIME SERIES (its compareTagNames): character by character, "/" and
+    digits before anything else, runs of digits compared as numbers."""
+    i = j = 0
+    while True:
+        if i == len(a):
+            return 0 if j == len(b) else -1
+        if j == len(b):
+            return 1
+        if a[i].isdigit() and b[j].isdigit():
+            m = re.match(r"\d+(\.\d*)?", a[i:]).group()
+            n = re.match(r"\d+(\.\d*)?", b[j:]).group()
+            if float(m) != float(n):
+                return -1 if float(m) < float(n) else 1
+            i, j = i + len(m), j + len(n)
+            continue
+        special_a, special_b = a[i] == "/" or a[i].isdigit(), b[j] == "/" or b[j].isdigit()
+        if special_a != special_b:
+            return -1 if special_a else 1
+        if not special_a and a[i] != b[j]:
+            return -1 if a[i] < b[j] else 1
+        i, j = i + 1, j + 1
+
+
+def first_screen(*runs: EventAccumulator) -> dict[str, list[str]]:
+    """The groups TIME SERIES opens (the first two, in its order) and their cards: the scalar, image and histogram
+    tags of all the runs, sorted as TensorBoard sorts them, grouped by their part before the first "/"."""
+    tags = {t for ev in runs for kind in ("scalars", "images", "histograms") for t in ev.Tags()[kind]}
+    groups: dict[str, list[str]] = {}
+    for tag in sorted(tags, key=functools.cmp_to_key(tag_order)):
+        groups.setdefault(tag.split("/", 1)[0], []).append(tag)
+    return dict(list(groups.items())[:2])
+
+
+def test_tag_order_is_tensorboards():
+    tags = ["val/loss", "~hp/x", "train/loss", "data/samples", "epoch", "test/acc", "~test/acc", "val/acc",
+            "lr-SGD", "train/acc", "w10", "w9"]
+    assert sorted(tags, key=functools.cmp_to_key(tag_order)) == [
+        "data/samples", "epoch", "lr-SGD", "test/acc", "train/acc", "train/loss", "val/acc", "val/loss", "w9", "w10",
+        "~hp/x", "~test/acc"]
+    assert tensorboard_tag("test/acc") == "~test/acc" and tensorboard_tag("~test/acc") == "~test/acc"
+    assert [tensorboard_tag(t) for t in CURVES] == list(CURVES)
 
 
 @pytest.fixture
@@ -71,7 +118,13 @@ def test_main_job_and_fit_write_the_same_tags_and_hparams_columns(runs):
     tags_main, tags_fit = set(ev_main.Tags()["scalars"]), set(ev_fit.Tags()["scalars"])
     assert EPOCH_TAGS | STEP_TAGS <= tags_main & tags_fit
     assert not {"train/loss_epoch", "hp/val_acc"} & (tags_main | tags_fit)  # the old names
-    assert tags_main - tags_fit == {"test/loss", "test/acc", "test/acc_airplane", "test/acc_bird", "hp/test_acc"}
+    assert tags_main - tags_fit == {"~test/loss", "~test/acc", "~test/acc_airplane", "~test/acc_bird", "~hp/test_acc"}
+    # TIME SERIES opens on the train and val curves, alone: no Lightning `epoch`, every other tag after them
+    for runs in ((ev_main,), (ev_fit,), (ev_main, ev_fit)):
+        assert first_screen(*runs) == {"train": ["train/acc", "train/loss"], "val": ["val/acc", "val/loss"]}
+    for ev in (ev_main, ev_fit):
+        shown = {t for kind in ("scalars", "images", "histograms") for t in ev.Tags()[kind]}
+        assert "epoch" not in shown and all(t in CURVES or t.startswith("~") for t in shown), shown
     assert len(values(ev_main, "val/acc")) == len(values(ev_main, "train/loss")) == 3
     for ev in (ev_main, ev_fit):
         assert all(math.isfinite(e.value) for tag in ev.Tags()["scalars"] for e in ev.Scalars(tag))
@@ -85,7 +138,8 @@ def test_main_job_and_fit_write_the_same_tags_and_hparams_columns(runs):
         assert not {"data_dir", "_instantiator", "download", "log_histograms_every_n_steps"} & set(names)
         assert [h.name for h in experiment.hparam_infos if h.differs] == [n for n in names if n in KEY_HPARAMS]
         assert not any(h.HasField("domain_interval") or h.domain_discrete for h in experiment.hparam_infos)
-        assert [m.name.tag for m in experiment.metric_infos] == list(METRICS)
+        assert [m.display_name for m in experiment.metric_infos] == list(METRICS)  # HPARAMS's column names
+        assert [m.name.tag for m in experiment.metric_infos] == [tensorboard_tag(m) for m in METRICS]
         assert list(METRICS).index("hp/test_acc") >= 5  # not shown by default: every run has the five shown
         assert set(start.hparams) == set(names) and start.hparams["sizes"].string_value == "3072-16-2"
         assert start.hparams["classes"].string_value == "airplane-bird"
@@ -95,7 +149,7 @@ def test_main_job_and_fit_write_the_same_tags_and_hparams_columns(runs):
         assert set(charts) == {"loss", "accuracy"}
         for title, stem in (("loss", "loss"), ("accuracy", "acc")):
             matched = {t for t in tags_main for rx in charts[title] if re.search(rx, t)}
-            assert matched == {f"{s}/{stem}" for s in ("train", "val", "test")}
+            assert matched == {f"train/{stem}", f"val/{stem}", f"~test/{stem}"}
 
         # hp/*: only the values that exist, each what its name says
         val = values(ev, "val/acc")
@@ -103,15 +157,16 @@ def test_main_job_and_fit_write_the_same_tags_and_hparams_columns(runs):
         assert values(ev, "hp/best_epoch") == [val.index(max(val))]
         assert values(ev, "hp/train_acc_last") == [values(ev, "train/acc")[-1]]
         assert values(ev, "hp/val_loss_last") == [values(ev, "val/loss")[-1]]
-    assert ev_main.Scalars("hp/val_acc_best")[0].value == pytest.approx(float(main.best_checkpoint.best_model_score))
+    assert values(ev_main, "hp/val_acc_best") == [pytest.approx(float(main.best_checkpoint.best_model_score))]
     assert values(ev_main, "hp/test_acc") == values(ev_main, "test/acc")  # the best checkpoint's: the one tested
     text = ev_main.Tensors("job/summary/text_summary")[0].tensor_proto.string_val[0].decode()  # and it says so
     assert f"| test acc (best) | {values(ev_main, 'test/acc')[0]:.4f} |" in text
     assert f"| best checkpoint | {main.best_checkpoint.best_model_path} |" in text
     assert hparams_data(ev_fit)["session_start_info"].session_start_info.hparams["lr"].number_value == 0.05
 
-    # pictures: at least 400 px wide
-    for tag in ("data/samples", "val/confusion_matrix", "test/confusion_matrix"):
+    # pictures: at least 400 px wide, after the curves
+    assert set(ev_main.Tags()["images"]) == {"~data/samples", "~val/confusion_matrix", "~test/confusion_matrix"}
+    for tag in ("~data/samples", "~val/confusion_matrix", "~test/confusion_matrix"):
         assert image(ev_main, tag).shape[2] >= 400, tag
 
 
@@ -184,12 +239,15 @@ def test_a_sweeps_experiment_and_member_rows(tmp_path):
     experiment = hparams_data(events(tmp_path))["experiment"].experiment
     infos = {h.name: h for h in experiment.hparam_infos}
     assert {n for n, h in infos.items() if h.differs} == {"momentum", "weight_decay"}
+    assert set(infos) == set(members[0])  # constants=True (the default): the constants are columns too
     assert (infos["momentum"].domain_interval.min_value, infos["momentum"].domain_interval.max_value) == (0.0, 0.9)
     assert list(infos["sizes"].domain_discrete) == ["3072-8-2"] and list(infos["nesterov"].domain_discrete) == [False]
     # shown by default (the first five): whether selected, and what every member has; hp/test_acc is not
-    assert [m.name.tag for m in experiment.metric_infos] == ["hp/selected", "hp/val_acc_last", "hp/val_acc_best",
-                                                             "hp/best_epoch", "hp/train_acc_last",
-                                                             "hp/val_loss_last", "hp/test_acc"]
+    assert [m.display_name for m in experiment.metric_infos] == ["hp/selected", "hp/val_acc_last", "hp/val_acc_best",
+                                                                 "hp/best_epoch", "hp/train_acc_last",
+                                                                 "hp/val_loss_last", "hp/test_acc"]
+    assert [m.name.tag for m in experiment.metric_infos] == [tensorboard_tag(m.display_name)
+                                                             for m in experiment.metric_infos]
     for k, params in enumerate(members):
         ev = events(tmp_path / f"m{params['momentum']}_wd{params['weight_decay']}")
         start = hparams_data(ev)["session_start_info"].session_start_info
@@ -197,11 +255,22 @@ def test_a_sweeps_experiment_and_member_rows(tmp_path):
         assert hparams_data(ev)["session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
         assert "experiment" not in hparams_data(ev)  # one experiment, at the root
         scalars = {t: values(ev, t) for t in ev.Tags()["scalars"]}
-        expected = {"hp/val_acc_last", "hp/val_acc_best", "hp/best_epoch", "hp/selected"} | \
-            ({"hp/test_acc"} if k == 3 else set())
+        expected = {"~hp/val_acc_last", "~hp/val_acc_best", "~hp/best_epoch", "~hp/selected"} | \
+            ({"~hp/test_acc"} if k == 3 else set())
         assert set(scalars) == expected  # the NaN and None left out
-        assert scalars["hp/selected"] == [float(k == 3)] and [e.step for e in ev.Scalars("hp/selected")] == [7]
+        assert scalars["~hp/selected"] == [float(k == 3)] and [e.step for e in ev.Scalars("~hp/selected")] == [7]
         assert {c.title for c in layout(ev).category[0].chart} == {"loss", "accuracy"}
+
+
+def test_a_sweeps_columns_are_what_varies_and_lr(tmp_path):
+    """constants=False: TensorBoard ticks the first five hyperparameters (those with ``differs`` first), so a
+    constant is no column: what varies and the ``shown`` (lr) are the columns, all ticked, all marked."""
+    params = [{"lr": 0.01, "momentum": m, "weight_decay": 0.0, "activation": "relu", "batch_size": 256.0}
+              for m in (0.0, 0.9)]
+    write_experiment(tmp_path, {k: [p[k] for p in params] for k in params[0]}, SWEEP_METRICS, ("lr",),
+                     constants=False)
+    infos = hparams_data(events(tmp_path))["experiment"].experiment.hparam_infos
+    assert [(h.name, h.differs) for h in infos] == [("lr", True), ("momentum", True)]
 
 
 def test_a_callers_hparams_logger_replaces_the_models(image_folder, tmp_path):
@@ -225,4 +294,5 @@ def test_a_callers_hparams_logger_replaces_the_models(image_folder, tmp_path):
     assert [c for c in trainer.callbacks if isinstance(c, HparamsLogger)] == [ours]
     ev = events(tmp_path / "m0")
     assert set(hparams_data(ev)) == {"session_start_info", "session_end_info"}
+    assert "~hp/val_acc_best" in ev.Tags()["scalars"]  # under the tag HPARAMS's columns name, with any logger
     assert values(ev, "hp/val_acc_best") == [max(values(ev, "val/acc"))] and len(values(ev, "val/acc")) == 2

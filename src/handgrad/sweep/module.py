@@ -86,7 +86,8 @@ class GridClassifier(L.LightningModule):
     training epoch), ``val_epoch`` and ``val_step`` (of each validation: it need not run every epoch).
     A member whose training loss is not finite is marked failed (``alive[k] = False``, ``failed_epoch[k]`` =
     its epoch) and frozen; the others go on. Before ``trainer.test`` set ``test_member``: only that member is
-    evaluated, its numbers land in ``test_result``.
+    evaluated, its numbers land in ``test_result`` (test_loss, test_acc, and its ``confusion_matrix``, rows: the
+    true class).
 
     A training step reads nothing back from the device (no ``.item()``, no Python ``if`` on a tensor): on a GPU
     the host queues the steps ahead of the device, and synchronises once per epoch to read the metrics.
@@ -120,9 +121,10 @@ class GridClassifier(L.LightningModule):
         self.best_weights: Optional[list[Tensor]] = None  # with keep_best: one (K, ...) copy per parameter
         self._best_score = [(-math.inf, math.inf)] * self.K  # (val acc, val loss) of each member's best validation
         self.test_member: Optional[int] = None
-        self.test_result: dict[str, float] = {}
+        self.test_result: dict = {}  # test_loss, test_acc (floats), confusion_matrix (a tensor)
         self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # stage -> (sum of N * loss_k, correct_k), in place
         self._counts: dict[str, int] = {}  # stage -> samples seen (on the host)
+        self._test_counts: Optional[Tensor] = None  # the test member's confusion matrix, flat (on the device)
         self.fused = FusedStep(self, compile) if compile in COMPILE_MODES else None
 
     def setup(self, stage: str) -> None:
@@ -289,17 +291,22 @@ class GridClassifier(L.LightningModule):
             raise RuntimeError(f"set model.test_member to the selected member (0..{self.K - 1}) before "
                                "trainer.test: only that member is evaluated on the test set")
         self._reset("test")
+        classes = self.sizes[-1]
+        self._test_counts = torch.zeros(classes * classes, dtype=torch.long, device=self.net.fc["1"].weight.device)
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x, member=self.test_member)
         self._accumulate("test", self.loss_and_grad(logits, y)[0], logits, y)
         self._counts["test"] += y.shape[0]
+        classes = self.sizes[-1]  # the confusion matrix, flat: C[true, predicted] at true * classes + predicted
+        self._test_counts += torch.bincount(y * classes + logits.argmax(-1).reshape(-1), minlength=classes ** 2)
 
     def on_test_epoch_end(self) -> None:
-        k = self.test_member
+        k, classes = self.test_member, self.sizes[-1]
         loss, acc = self._read("test", self.alive[k:k + 1])
-        self.test_result = {"test_loss": loss[0], "test_acc": acc[0]}
+        self.test_result = {"test_loss": loss[0], "test_acc": acc[0],
+                            "confusion_matrix": self._test_counts.view(classes, classes).cpu()}
         self.log_dict({"test/loss": loss[0], "test/acc": acc[0]})
 
     # ---------------------------------------------------------------- checkpoints

@@ -20,14 +20,15 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 
 from handgrad.runtime.text import markdown_table
 from handgrad.core.optim import HYPERPARAMETERS
 from handgrad.sweep.search import config_of, mean_std, member_names
 from handgrad.sweep.outcome import METRICS
 from handgrad.sweep.select import best_validation
-from handgrad.train.views import SWEEP_METRICS, add_layout, final_metrics, log_hparams, run_hparams, write_experiment
+from handgrad.train.views import (SWEEP_METRICS, SWEEP_SHOWN, TensorBoardRun, add_layout, final_metrics,
+                                  log_confusion_matrix, log_hparams, run_hparams, write_experiment)
 
 COLUMNS = ("member", "lr", "momentum", "weight_decay", "dampening", "nesterov", "seed", "status",
            "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch", "test_acc", "selected")
@@ -131,9 +132,10 @@ def write_results(log_dir: Path, rows: list[dict], config_rows: Optional[list[di
 # ----------------------------------------------------------------------------- TensorBoard: one run per member
 
 
-def member_run(log_dir: Path, name: str) -> TensorBoardLogger:
-    """A member's TensorBoard run, ``log_dir/<name>/`` (names: :func:`handgrad.sweep.search.member_names`)."""
-    return TensorBoardLogger(save_dir=str(log_dir), name="", version=name, default_hp_metric=False)
+def member_run(log_dir: Path, name: str) -> TensorBoardRun:
+    """A member's TensorBoard run, ``log_dir/<name>/`` (names: :func:`handgrad.sweep.search.member_names`), with
+    the main job's tags (:class:`handgrad.train.views.TensorBoardRun`)."""
+    return TensorBoardRun(save_dir=str(log_dir), name="", version=name, default_hp_metric=False)
 
 
 def write_member_curves(log_dir: Path, members: list[dict], indices: list[int], history: dict, steps: dict) -> None:
@@ -178,17 +180,27 @@ def member_metrics(r: dict, history: dict, steps: dict) -> dict:
 
 
 def log_member_hparams(log_dir: Path, members: list[dict], rows: list[dict], history: dict, steps: dict,
-                       params: list[dict], trained_by_lightning: bool = False) -> None:
-    """TensorBoard's HPARAMS tab for the sweep: once, at the log root, its columns (the hyperparameters, those
-    that vary shown first, and :data:`SWEEP_METRICS`); per member run its row (``params[k]`` against
-    :func:`member_metrics`) and the CUSTOM SCALARS layout. ``trained_by_lightning`` (--sequential): each member's
-    Trainer wrote its row, layout and hp/* (HparamsLogger), hp/test_acc too: only hp/selected is added."""
-    write_experiment(log_dir, {name: [p.get(name, "") for p in params] for name in params[0]}, SWEEP_METRICS)
+                       params: list[dict], trained_by_lightning: bool = False,
+                       test_confusion_matrix: Optional[Tensor] = None, class_names: Optional[list] = None) -> None:
+    """TensorBoard's HPARAMS tab for the sweep: once, in the first member's run (no run of its own: it would show
+    as an empty run ``.`` at the log root), its columns: the hyperparameters that vary and lr
+    (:data:`SWEEP_SHOWN`), all ticked, no constant (a constant would be ticked where fewer than five vary; every
+    row still holds it), and :data:`SWEEP_METRICS`; per member run its row (``params[k]`` against
+    :func:`member_metrics`) and the CUSTOM SCALARS layout; in the selected member's run its test confusion matrix
+    (``test_confusion_matrix``, rows named by ``class_names``), as the main job's test writes it.
+    ``trained_by_lightning`` (--sequential): each member's Trainer wrote its row, layout and hp/* (HparamsLogger),
+    its test's hp/test_acc and confusion matrix too: only hp/selected is added."""
+    columns = {name: [p.get(name, "") for p in params] for name in params[0]}
     names = member_names(members)
     for r in rows:
         k = r["member"]
         run = member_run(log_dir, names[k])
         step = steps["train_step"][-1] if steps.get("train_step") else 0
+        if k == 0:
+            write_experiment(run, columns, SWEEP_METRICS, SWEEP_SHOWN, constants=False)
+        if r["selected"] and test_confusion_matrix is not None:
+            log_confusion_matrix(run, "test", test_confusion_matrix, class_names or
+                                 [str(c) for c in range(len(test_confusion_matrix))], step)
         if trained_by_lightning:
             run.log_metrics({"hp/selected": float(r["selected"])}, step=step)
         else:

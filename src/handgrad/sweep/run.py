@@ -13,7 +13,8 @@ per member, for comparison), select one member by val accuracy (``--select``, se
 evaluate only that member on the test set, once, and write into the sweep's log directory ``results.csv`` and
 ``results.md`` (printed too), one TensorBoard run per member (named by what varies,
 :func:`handgrad.sweep.search.member_names`: its epoch curves, custom-scalars layout and HPARAMS row,
-:mod:`handgrad.train.views`; the HPARAMS columns once at the log root), and the selected member's weights as a
+:mod:`handgrad.train.views`; the HPARAMS columns once, in the first member's run; the selected member's test
+confusion matrix in its run), and the selected member's weights as a
 standalone :class:`handgrad.train.module.HandgradClassifier` checkpoint, ``selected.ckpt``, with the data's statistics and class names (``python train.py test --ckpt_path
 <log dir>/selected.ckpt --data.data_dir D`` evaluates it again).
 
@@ -128,7 +129,8 @@ def report(cli: SweepCLI, ranks: Ranks, log_dir: Path, outcome: SweepOutcome, mo
                                                       class_names=getattr(data, "class_names", None)))
     network = {"sizes": cli.model.sizes, "activation": cli.model.activation, "seed": cli.model.init_seed}
     params = [member_params(m, network, data_hp, cli.trainer.max_epochs) for m in members]
-    log_member_hparams(log_dir, members, rows, history, steps, params, trained_by_lightning=cli.config.sequential)
+    log_member_hparams(log_dir, members, rows, history, steps, params, trained_by_lightning=cli.config.sequential,
+                       test_confusion_matrix=test.get("confusion_matrix"), class_names=getattr(data, "class_names", None))
     print(f"\nSweep of {len(members)} members, {len(history['train_loss'])} epochs ({mode}), selected by {rule}:\n")
     print(markdown(rows) if config_rows is None else markdown(config_rows, columns=CONFIG_COLUMNS))
     print(f"\nselected: member {best} (lr {b['lr']:g}, momentum {b['momentum']:g}, weight decay {b['weight_decay']:g}"

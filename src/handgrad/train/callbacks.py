@@ -12,7 +12,9 @@
     DataSamples       a look at the data when fit starts: a grid of training images per class, the class counts
     EndProgressLine   an error after a progress bar starts on a line of its own
 
-What the pictures and the HPARAMS entries look like, and the tag scheme: :mod:`handgrad.train.views`.
+What the pictures and the HPARAMS entries look like, and the tag scheme: :mod:`handgrad.train.views` (what is
+written straight to TensorBoard goes under :func:`handgrad.train.views.tensorboard_tag`; what ``self.log`` logs,
+under the same through the logger, :class:`handgrad.train.views.TensorBoardRun`).
 
 Every per-step hook returns at once on the steps where it has nothing to write.
 """
@@ -29,9 +31,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from handgrad.runtime.text import markdown_table
-from handgrad.train.views import (KEY_HPARAMS, METRICS, add_layout, confusion_matrix_image, final_metrics,
-                                  labelled_grid, log_hparams, run_hparams, write_experiment)
+from handgrad.train.views import (KEY_HPARAMS, METRICS, add_layout, final_metrics, labelled_grid, log_confusion_matrix,
+                                  log_hparams, run_hparams, tensorboard_tag, write_experiment)
 
 
 def tensorboard(trainer):
@@ -59,8 +60,8 @@ class StepLogger(Callback):
         every = self.histograms_every_n_steps
         if every and step % every == 0 and (tb := tensorboard(trainer)) is not None:
             for name, p in pl_module.mlp.named_parameters():
-                tb.add_histogram(f"weights/{name}", p, step)
-                tb.add_histogram(f"grads/{name}", p.grad, step)
+                tb.add_histogram(tensorboard_tag(f"weights/{name}"), p, step)
+                tb.add_histogram(tensorboard_tag(f"grads/{name}"), p.grad, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % trainer.log_every_n_steps == 0:  # (the step is counted by now)
@@ -104,9 +105,7 @@ class ClassMetrics(Callback):
             # the same value on every process (evaluation is not sharded): max over them is it
             pl_module.log(f"{stage}/acc_{name}", value, sync_dist=True, reduce_fx="max")
         if (tb := tensorboard(trainer)) is not None:
-            names, step = pl_module.class_names, trainer.global_step
-            tb.add_image(f"{stage}/confusion_matrix", confusion_matrix_image(cm, names), step)
-            tb.add_text(f"{stage}/confusion_matrix", confusion_matrix_markdown(cm, names), step)
+            log_confusion_matrix(tb, stage, cm, pl_module.class_names, trainer.global_step)
 
 
 class HparamsLogger(Callback):
@@ -147,8 +146,9 @@ class HparamsLogger(Callback):
 
     @staticmethod
     def log_metrics(trainer, metrics: dict) -> None:
+        """Under their TensorBoard tags (~hp/...), whatever the logger: the HPARAMS columns name those."""
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics({tensorboard_tag(k): v for k, v in metrics.items()}, step=trainer.global_step)
 
     def log_once(self, trainer, pl_module) -> None:
         if self.logged or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
@@ -164,7 +164,8 @@ class HparamsLogger(Callback):
 
 class DataSamples(Callback):
     """When the first fit starts, the data module's example grid (``sample_grid``: one row of training images per
-    class) as ``data/samples`` and its class counts per split as the Text ``data/class_counts``."""
+    class) as ``~data/samples`` and its class counts per split as the Text ``~data/class_counts`` (after the
+    curves: :func:`handgrad.train.views.tensorboard_tag`)."""
 
     def __init__(self):
         self.logged = False
@@ -173,8 +174,8 @@ class DataSamples(Callback):
         data = trainer.datamodule
         if self.logged or getattr(data, "sample_grid", None) is None or (tb := tensorboard(trainer)) is None:
             return
-        tb.add_image("data/samples", labelled_grid(data.sample_grid, data.class_names), 0)
-        tb.add_text("data/class_counts", data.class_counts_table(), 0)
+        tb.add_image(tensorboard_tag("data/samples"), labelled_grid(data.sample_grid, data.class_names), 0)
+        tb.add_text(tensorboard_tag("data/class_counts"), data.class_counts_table(), 0)
         self.logged = True
 
 
@@ -188,13 +189,8 @@ class EndProgressLine(Callback):
 
 
 def add_lr_monitor(trainer) -> None:
-    """Log the learning rate of every epoch (lr-SGD in TensorBoard: a schedule's curve) with Lightning's
+    """Log the learning rate of every epoch (lr-SGD; in TensorBoard ~lr-SGD: a schedule's curve) with Lightning's
     LearningRateMonitor, when there is a logger to write to and the options did not add one already."""
     if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
         trainer.callbacks.append(LearningRateMonitor(logging_interval="epoch"))
 
-
-def confusion_matrix_markdown(cm: Tensor, class_names: Sequence[str]) -> str:
-    """The confusion matrix as a Markdown table (rows: true class, columns: predicted)."""
-    return markdown_table(["true \\ predicted", *class_names],
-                          ([name, *(int(v) for v in row)] for name, row in zip(class_names, cm.cpu().tolist())))

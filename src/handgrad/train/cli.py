@@ -3,7 +3,8 @@
     HandgradCLI   a HandgradClassifier on a CIFAR10DataModule; the defaults are the reference experiment's (the
                   constructors' defaults, :data:`TRAINER_DEFAULTS` and :data:`SEED`: configs/default.yaml shows them);
                   logs and checkpoints in <--trainer.default_root_dir>/lightning_logs/version_N
-    RunLogger     Lightning's TensorBoardLogger whose run folder is reserved and locked for one process
+    RunLogger     Lightning's TensorBoardLogger (writing the tag scheme: TensorBoardRun) whose run folder is
+                  reserved and locked for one process
 
 Bad input writes nothing. Before LightningCLI builds anything: the precision as typed, and a --ckpt_path that is
 missing, unreadable, of another architecture than the options ask for or (fit) of another run. Before the trainer
@@ -29,7 +30,6 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from handgrad.data.datamodule import CIFAR10DataModule
@@ -45,15 +45,17 @@ from handgrad.train.checkpoints import (ARCHITECTURE, AtomicCheckpointIO, check_
 from handgrad.train.model_setup import check_precision
 from handgrad.train.module import HandgradClassifier
 from handgrad.train.predict import ImagePredictionWriter, PredictionWriter
+from handgrad.train.views import TensorBoardRun
 
 SEED = 265  # seed_everything: the same seed, the same initial weights
 TRAINER_DEFAULTS = {"max_epochs": 30, "precision": "32-true", "log_every_n_steps": 10}  # the reference job's
 
 
-class RunLogger(TensorBoardLogger):
+class RunLogger(TensorBoardRun):
     """Lightning's TensorBoardLogger with this project's defaults: runs in <save_dir>/<name>/version_N, where
     save_dir None (the default) means --trainer.default_root_dir, else the working directory (Lightning's convention
-    for its own default logger); and no hp_metric placeholder (HPARAMS shows the hp/* of handgrad.train.views).
+    for its own default logger); no hp_metric placeholder (HPARAMS shows the hp/* of handgrad.train.views); the
+    tags of :class:`handgrad.train.views.TensorBoardRun` (no ``epoch``; all but the four epoch curves after them).
 
     Its ``version`` (the documented property every logger defines) reserves and locks the run folder when first
     asked for (:func:`handgrad.runtime.run_folders.claim`), which the CLI does after its checks: runs started together

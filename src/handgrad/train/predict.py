@@ -2,7 +2,7 @@
 
     PredictionWriter        the test split: index, predicted class, true class, probability of each class
     ImagePredictionWriter   ``--predict.images``: file, predicted class, probability of each class; the inputs as an
-                            image grid (``predict/images``) titled with their predictions
+                            image grid (``~predict/images``) titled with their predictions
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from handgrad.data.images import SIZE
 from handgrad.train.callbacks import tensorboard
+from handgrad.train.views import tensorboard_tag
 
 SHOWN_ROWS = 20  # rows of the printed table; predictions.csv has them all
 GRID_IMAGES = 64  # images in the TensorBoard grid
@@ -65,7 +66,7 @@ class PredictionWriter(BasePredictionWriter):
 
 class ImagePredictionWriter(BasePredictionWriter):
     """predictions.csv in the run folder (file, predicted class, p_<class> for each class), the first rows printed,
-    and the inputs as an image grid (``predict/images``) in TensorBoard, each titled with its prediction."""
+    and the inputs as an image grid (``~predict/images``) in TensorBoard, each titled with its prediction."""
 
     def __init__(self, files: Sequence[Path]):
         super().__init__(write_interval="batch")
@@ -96,7 +97,7 @@ class ImagePredictionWriter(BasePredictionWriter):
         print(table(files, predicted, probs, names))
         print(f"predictions of {len(files)} images written to {path}")
         if (tb := tensorboard(trainer)) is not None:
-            tb.add_image("predict/images", prediction_grid(images[:GRID_IMAGES], [
+            tb.add_image(tensorboard_tag("predict/images"), prediction_grid(images[:GRID_IMAGES], [
                 f"{n} {p:.2f}" for n, p in zip(predicted, probs.max(1).values.tolist())]), 0)
 
 

@@ -2,45 +2,71 @@
 
 The main job, `fit` and every sweep member write the same tags, so that their runs line up in one card:
 
-    per epoch     train/loss  train/acc  val/loss  val/acc  test/loss  test/acc   (and val|test/acc_<class>)
-    per step      train/loss_step  train/grad_norm                                (every log_every_n_steps)
-    per epoch     lr-SGD                                                          (Lightning's LearningRateMonitor)
-    once          hp/val_acc_last  hp/val_acc_best  hp/best_epoch  hp/train_acc_last  hp/val_loss_last
-                  [hp/selected] (sweep)  [hp/test_acc] (where a test ran)      (the HPARAMS tab's metrics)
+    per epoch     train/loss  train/acc  val/loss  val/acc  ~test/loss  ~test/acc  (and ~val|~test/acc_<class>)
+    per step      ~train/loss_step  ~train/grad_norm                              (every log_every_n_steps)
+    per epoch     ~lr-SGD                                                         (Lightning's LearningRateMonitor)
+    once          ~hp/val_acc_last  ~hp/val_acc_best  ~hp/best_epoch  ~hp/train_acc_last  ~hp/val_loss_last
+                  [~hp/selected] (sweep)  [~hp/test_acc] (where a test ran)    (the HPARAMS tab's metrics)
+
+TensorBoard's TIME SERIES groups the tags by their first part, sorts them by name and opens the first two groups:
+those are ``train`` and ``val`` holding the four epoch curves alone (its first screen). Every other tag is written
+after them with a ``~`` in front (:func:`tensorboard_tag`: ``~`` sorts after every letter), and Lightning's
+``epoch`` counter is not written (:class:`TensorBoardRun`, the logger of the main job and of a sweep's members).
+In code, and in what ``trainer.test`` returns, the names stay without the ``~`` (``test/acc``, ``val/acc_bird``,
+``hp/val_acc_best``); HPARAMS shows its metrics under those names (their display name).
 
     add_layout(w)              the CUSTOM SCALARS tab: train and val loss on one chart, train and val accuracy on another
     run_hparams(...)           the hyperparameters worth a column in HPARAMS (no paths, no switches of logging)
     final_metrics(...)         a run's hp/* values from its val accuracy of each epoch (last, best, best epoch)
     write_experiment(w, ...)   HPARAMS's columns: the hyperparameters (those that vary shown first) and the metrics
     log_hparams(w, ...)        one run's row in HPARAMS: its hyperparameters, and the metrics it has
+    log_confusion_matrix(...)  a confusion matrix as a picture and a Markdown table, under one tag
     confusion_matrix_image     class names on both axes, counts in black on light shades
     labelled_grid              the example images, each row led by its class name
 
 ``w`` is a TensorBoardLogger, a ``torch.utils.tensorboard.SummaryWriter`` or (write_experiment) a log folder.
 A sweep calls, per member run: ``add_layout(w)`` and ``log_hparams(w, params, metrics)`` with
 ``params = run_hparams(...)`` and ``metrics = {**final_metrics(...), "hp/selected": 0. or 1.}`` (plus hp/test_acc
-for the selected member only); and once, at its log root, ``write_experiment(root, {name: the members' values},
-SWEEP_METRICS)``; a member trained by a Lightning Trainer (HandgradClassifier) gets its row and hp/* from
-``callbacks=[HparamsLogger(experiment=False)]`` and a TensorBoardLogger with ``default_hp_metric=False``, and its
-hp/selected (hp/test_acc) as plain scalars. The main job and `fit` write the same through
-:class:`handgrad.train.callbacks.HparamsLogger`. TensorBoard takes the first experiment it finds under its --logdir:
-open a sweep at its own log root.
+for the selected member only); and once, into its first member's run, ``write_experiment(run, {name: the members'
+values}, SWEEP_METRICS, SWEEP_SHOWN, constants=False)``: the columns are what varies and lr, in no run of its
+own (TensorBoard would show it as an empty run ``.`` at the log root); a member trained by a Lightning Trainer (HandgradClassifier) gets its row
+and hp/* from ``callbacks=[HparamsLogger(experiment=False)]`` and a :class:`TensorBoardRun` with
+``default_hp_metric=False``, and its hp/selected (hp/test_acc) as plain scalars. The main job and `fit` write the
+same through :class:`handgrad.train.callbacks.HparamsLogger`. TensorBoard takes the first experiment it finds under
+its --logdir: open a sweep at its own log root.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+from handgrad.runtime.text import markdown_table
+
+# TIME SERIES sorts the tags by name, groups them by their part before the first "/" and opens the first two groups:
+# these four curves, alone, so that they are its first screen. Every other tag is written after them: LATER in front
+# of its name ("~" sorts after every letter and digit).
+CURVES = ("train/loss", "train/acc", "val/loss", "val/acc")
+LATER = "~"
+
+
+def tensorboard_tag(name: str) -> str:
+    """The tag TensorBoard gets for a metric or picture ``name``: the epoch curves (:data:`CURVES`) as they are,
+    anything else after them (``test/acc`` -> ``~test/acc``, ``val/acc_bird`` -> ``~val/acc_bird``, ``lr-SGD`` ->
+    ``~lr-SGD``); a tag already so is kept."""
+    return name if name in CURVES or name.startswith(LATER) else LATER + name
 
 # The HPARAMS tab's metrics, in the order of its columns, each with what it means. TensorBoard shows the first five
 # by default, and its parallel coordinates draw only the runs that have a value in every shown column: hp/test_acc
@@ -59,12 +85,26 @@ SWEEP_METRICS = {"hp/selected": "1 for the member the sweep selected (best val a
 KEY_HPARAMS = ("lr", "momentum", "weight_decay", "batch_size", "max_epochs")
 # The CUSTOM SCALARS tab: one chart per metric, train and val (and the single test point) together.
 LAYOUT = {"train vs val": {
-    "loss": ["Multiline", ["^train/loss$", "^val/loss$", "^test/loss$"]],
-    "accuracy": ["Multiline", ["^train/acc$", "^val/acc$", "^test/acc$"]],
+    title: ["Multiline", [f"^{re.escape(tensorboard_tag(f'{split}/{stem}'))}$" for split in ("train", "val", "test")]]
+    for title, stem in (("loss", "loss"), ("accuracy", "acc"))
 }}
+# A sweep's HPARAMS columns: the hyperparameters that vary, and these even where they do not.
+SWEEP_SHOWN = ("lr",)
 
 Target = Union[TensorBoardLogger, SummaryWriter]
 HparamValue = Union[str, float, int, bool]
+
+
+class TensorBoardRun(TensorBoardLogger):
+    """Lightning's TensorBoardLogger writing this tag scheme: each metric under :func:`tensorboard_tag` of its
+    name, and without Lightning's ``epoch`` (its logger connector adds the epoch counter to every ``self.log``; the
+    steps already place each point, and a TIME SERIES group of its own would open before the curves)."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        metrics = {tensorboard_tag(k): v for k, v in metrics.items() if k != "epoch"}
+        if metrics:
+            super().log_metrics(metrics, step)
 
 
 def writer_of(target: Target) -> SummaryWriter:
@@ -124,19 +164,25 @@ def hparam_value(value) -> HparamValue:
 
 
 def write_experiment(target: Union[Target, str, Path], hparams: Mapping[str, Sequence[HparamValue]],
-                     metrics: Mapping[str, str] = METRICS, shown: Sequence[str] = (), domains: bool = True) -> None:
+                     metrics: Mapping[str, str] = METRICS, shown: Sequence[str] = (), domains: bool = True,
+                     constants: bool = True) -> None:
     """HPARAMS's columns: ``hparams`` maps each hyperparameter to the values it takes over the runs, ``metrics``
-    each metric tag to its meaning. TensorBoard reads the first such summary it finds under its --logdir, shows
-    the first five hyperparameters with ``differs`` set (then the rest, by name) and the first five metrics; without
-    one it would guess its columns from every scalar. ``differs`` is set where the values differ, and for the
-    names in ``shown`` (a single run, where nothing differs). ``domains``: the values given are all there are
-    (a sweep); else (one run among others in the same folder) only their type is written, since a domain hides
-    the runs outside it (a value unticked, or off the axis). A folder as ``target``: written in a run of its own
-    there (the sweep's log root)."""
+    each metric's name to its meaning (its tag: :func:`tensorboard_tag`, its display name: the name). TensorBoard
+    reads the first such summary it finds under its --logdir, sorts the hyperparameters with ``differs`` set first
+    (each part by name), ticks the first five of them and the first five metrics; without one it would guess its
+    columns from every scalar. ``differs`` is set where the values differ, and for the names in ``shown`` (a single
+    run, where nothing differs; lr in a sweep). ``constants=False``: a hyperparameter with one value over all the
+    runs, not in ``shown``, is no column (TensorBoard would tick it where fewer than five differ; each run's row and
+    hparams.yaml still hold it). ``domains``: the values given are all there are (a sweep); else (one run among
+    others in the same folder) only their type is written, since a domain hides the runs outside it (a value
+    unticked, or off the axis). A folder as ``target``: written in a run of its own there."""
     infos = []
     for name, values in hparams.items():
         values = [hparam_value(v) for v in values]
-        info = api_pb2.HParamInfo(name=name, differs=len(set(values)) > 1 or name in shown)
+        differs = len(set(values)) > 1
+        if not (constants or differs or name in shown):
+            continue
+        info = api_pb2.HParamInfo(name=name, differs=differs or name in shown)
         if all(isinstance(v, bool) for v in values):
             info.type = api_pb2.DATA_TYPE_BOOL
             if domains:
@@ -150,8 +196,8 @@ def write_experiment(target: Union[Target, str, Path], hparams: Mapping[str, Seq
             if domains:
                 info.domain_discrete.extend(sorted({str(v) for v in values}))
         infos.append(info)
-    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), description=text)
-                    for tag, text in metrics.items()]
+    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tensorboard_tag(name)), display_name=name,
+                                       description=text) for name, text in metrics.items()]
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metric_infos, time_created_secs=time.time())
     summary = hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment)
     if isinstance(target, (str, Path)):
@@ -192,9 +238,23 @@ def log_hparams(target: Target, params: Mapping[str, HparamValue], metrics: Mapp
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
     add_summary(target, hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end))
     writer = writer_of(target)
-    for tag, value in metrics.items():
+    for name, value in metrics.items():
         if value is not None and math.isfinite(float(value)):
-            writer.add_scalar(tag, float(value), step)
+            writer.add_scalar(tensorboard_tag(name), float(value), step)
+
+
+def log_confusion_matrix(target: Target, stage: str, cm: Tensor, class_names: Sequence[str], step: int) -> None:
+    """The confusion matrix ``cm`` (rows: true class) of ``stage`` (val, test) at ``step``: the picture (IMAGES,
+    TIME SERIES) and the Markdown table (TEXT), both under the tag ``tensorboard_tag(f"{stage}/confusion_matrix")``."""
+    writer, tag = writer_of(target), tensorboard_tag(f"{stage}/confusion_matrix")
+    writer.add_image(tag, confusion_matrix_image(cm, class_names), step)
+    writer.add_text(tag, confusion_matrix_markdown(cm, class_names), step)
+
+
+def confusion_matrix_markdown(cm: Tensor, class_names: Sequence[str]) -> str:
+    """The confusion matrix as a Markdown table (rows: true class, columns: predicted)."""
+    return markdown_table(["true \\ predicted", *class_names],
+                          ([name, *(int(v) for v in row)] for name, row in zip(class_names, cm.cpu().tolist())))
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
