@@ -291,25 +291,26 @@ def main(argv=None) -> list[dict]:
     emit({"event": "data", "seconds": time.perf_counter() - t0, "train": list(data.train_x.shape),
           "val": list(data.val_x.shape), "device": str(data.train_x.device), "dtype": str(data.train_x.dtype)})
     for rep in range(args.repeats):
-        runs = []
+        def done(runs: list[dict]) -> None:  # each part's records as soon as it ends (a cut-off run keeps them)
+            for r in runs:
+                if "epoch_s" in r:
+                    r["steady_epoch_s"] = steady(r["epoch_s"])
+                emit({"repeat": rep, **r})
+
         for precision in args.precision:
             if "plain" in args.parts:
-                runs += run_plain(args, data, members, device, precision)
+                done(run_plain(args, data, members, device, precision))
             if "raw" in args.parts:
-                runs += run_plain(args, data, members, device, precision, part="raw")
+                done(run_plain(args, data, members, device, precision, part="raw"))
             if "trainer" in args.parts:
-                runs += run_trainer(args, data, members, device, precision)
+                done(run_trainer(args, data, members, device, precision))
             if "grid" in args.parts:
                 for mode in args.grid_compile:
-                    runs += run_grid(args, data, members, device, mode, precision)
+                    done(run_grid(args, data, members, device, mode, precision))
         if "gemm" in args.parts:
-            runs += run_gemm(args, device, args.precision)
+            done(run_gemm(args, device, args.precision))
         if "startup" in args.parts:
-            runs += run_startup(args, data_dir)
-        for r in runs:
-            if "epoch_s" in r:
-                r["steady_epoch_s"] = steady(r["epoch_s"])
-            emit({"repeat": rep, **r})
+            done(run_startup(args, data_dir))
     table, rows = summarize(records, members, args, env)
     for r in rows:
         emit({"event": "summary", **r})
