@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import urllib.error
@@ -383,6 +384,28 @@ def test_image_folder_archive_is_extracted(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert torch.equal(ready(data).test_x, dm.test_x)
     assert not [r for r in caplog.records if "extract" in r.getMessage() or "decod" in r.getMessage()]  # once
+
+
+@pytest.mark.parametrize("kind", ["climbs", "absolute", "link out", "device"])
+def test_a_hostile_archive_is_refused_and_writes_nothing_outside(tmp_path, kind):
+    """A good image folder plus one hostile member: refused with the archive's name, nothing written outside
+    data_dir, nothing left inside but the archive (the extraction's temp folder removed)."""
+    write_image_folder(tmp_path / "src" / "cifar10-jpeg", per_class_train=4, per_class_test=2)
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir(), outside.mkdir()
+    member, type_, link = {"climbs": ("../outside/escaped.txt", tarfile.REGTYPE, ""),
+                           "absolute": (str(outside / "abs.txt"), tarfile.REGTYPE, ""),
+                           "link out": ("cifar10-jpeg/link", tarfile.SYMTYPE, str(outside)),
+                           "device": ("cifar10-jpeg/dev", tarfile.CHRTYPE, "")}[kind]
+    archive = data / "cifar10-jpeg.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "src" / "cifar10-jpeg", arcname="cifar10-jpeg")
+        info = tarfile.TarInfo(member)
+        info.type, info.linkname = type_, link
+        tar.addfile(info, io.BytesIO(b"") if type_ == tarfile.REGTYPE else None)
+    with pytest.raises(BadDataError, match=rf"{re.escape(str(archive))} cannot be extracted"):
+        ready(data)
+    assert list(outside.iterdir()) == [] and [p.name for p in data.iterdir()] == ["cifar10-jpeg.tar.xz"]
 
 
 # ------------------------------------------------------------------ cache

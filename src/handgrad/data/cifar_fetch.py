@@ -124,7 +124,7 @@ def _extract(archive: Path, data_dir: Path, kind: str) -> Source | None:
             with open(archive, "rb") as raw, tarfile.open(fileobj=raw) as tar:
                 try:
                     tar.extractall(tmp, members=_members_with_progress(tar, raw, archive.stat().st_size),
-                                   filter="data")
+                                   filter=_data_filter)
                 except OSError as e:
                     if not disk.is_disk_full(e):
                         raise
@@ -160,6 +160,14 @@ def _unpacked_size(tar: tarfile.TarFile, data_dir: Path) -> int | None:
         return sum(-(-m.size // block) * block if m.isfile() else block for m in tar.getmembers())
     except (tarfile.TarError, OSError, EOFError):
         return None
+
+
+def _data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (no path out of the folder, no link out, no device, no set-uid), and no absolute name
+    either: the data filter would strip its leading "/" and extract it inside, where it would be stray."""
+    if member.name.startswith("/") or os.path.isabs(member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def _members_with_progress(tar: tarfile.TarFile, raw, size: int):
