@@ -11,10 +11,12 @@ import hashlib
 import logging
 import importlib.util
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -440,14 +442,20 @@ def test_explicit_default_sizes_on_a_checkpoint_of_other_sizes_are_refused(data_
 
 def test_a_hostile_checkpoint_is_refused_without_unsafe_advice(data_dir, tmp_path, monkeypatch, capsys):
     """A checkpoint holding an object torch's safe loader refuses (it could run code): one error line, no advice to
-    load it with weights_only=False."""
+    load it with weights_only=False, no warning about the safe loader (a plain pickle of protocol 4 made torch warn
+    that its "weights_only Unpickler" might not support it)."""
     monkeypatch.chdir(tmp_path)
-    hostile = tmp_path / "hostile.ckpt"
-    torch.save({"state_dict": {}, "payload": Throttle(0.0)}, hostile)  # any class: unpickling would import it
-    for subcommand in ("fit", "test"):
-        err = run_cli([subcommand, *fit_args(data_dir, "--ckpt_path", str(hostile))[1:]], capsys)
-        assert f"error: checkpoint {hostile} is not a handgrad checkpoint: it holds objects that are not allowed" in err
-        assert "weights_only" not in err
+    saved, pickled = tmp_path / "hostile.ckpt", tmp_path / "plain-pickle.ckpt"
+    torch.save({"state_dict": {}, "payload": Throttle(0.0)}, saved)  # any class: unpickling would import it
+    pickled.write_bytes(pickle.dumps({"state_dict": {}, "payload": Throttle(0.0)}, protocol=4))
+    for hostile in (saved, pickled):
+        for subcommand in ("fit", "test"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                err = run_cli([subcommand, *fit_args(data_dir, "--ckpt_path", str(hostile))[1:]], capsys)
+            assert (f"error: checkpoint {hostile} is not a handgrad checkpoint: it holds objects that are not "
+                    f"allowed") in err
+            assert "weights_only" not in err + " ".join(str(w.message) for w in caught)
     assert not (tmp_path / "lightning_logs").exists()
 
 

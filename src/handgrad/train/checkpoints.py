@@ -17,6 +17,7 @@ Checking. A checkpoint made for another architecture (sizes, activation) or, for
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +58,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         kwargs = {} if map_location is None else {"map_location": map_location}
         try:
             if _is_local(path):  # torch's safe loader unless weights_only=False is asked for, on every Lightning
-                with open(path, "rb") as f:  # release (before 2.6 its TorchCheckpointIO takes no weights_only)
+                with open(path, "rb") as f, warnings.catch_warnings():  # release (before 2.6 its
+                    # TorchCheckpointIO takes no weights_only); a pickle of another protocol than torch.save's
+                    # makes torch warn about its safe loader: the file is refused below, or loads, either way
+                    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                     return torch.load(f, weights_only=weights_only is not False, **kwargs)
             if CHECKPOINT_IO_TAKES_WEIGHTS_ONLY:
                 kwargs["weights_only"] = weights_only
