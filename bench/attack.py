@@ -48,6 +48,16 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
+FAILED: list[str] = []  # what did not hold, printed after the table
+
+
+def held_if(ok: bool, what: str, code: int, err: str) -> bool:
+    """ok, remembering what did not hold (the trial, its exit code, the end of its stderr)."""
+    if not ok:
+        FAILED.append(f"{what}: exit {code}: " + " / ".join(err.strip().splitlines()[-3:])[-400:])
+    return ok
+
+
 def one_error_line(err: str) -> bool:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     return len(errors) == 1 and "Traceback" not in err
@@ -183,7 +193,8 @@ def hostile_checkpoints(work: Path, data: Path, scale: int) -> dict:
         for command in (["test"], ["fit"], ["verify"]):
             trials += 1
             code, _, err = finish(train(*command, "--ckpt_path", path, "--data.data_dir", data, *SMALL[:2], cwd=work))
-            held += code == 2 and one_error_line(err) and not marker.exists() and "weights_only" not in err
+            held += held_if(code == 2 and one_error_line(err) and not marker.exists() and "weights_only" not in err,
+                            f"{command[0]} {path.name}", code, err)
     return {"trials": trials, "held": held, "detail": f"{len(list(work.glob('*.ckpt')))} files x test, fit, verify"}
 
 
@@ -208,7 +219,8 @@ def hostile_archives(work: Path, data: Path, scale: int) -> dict:
             tar.addfile(info, None if kind != tarfile.REGTYPE else __import__("io").BytesIO(b""))
         before = sorted(os.listdir(outside))
         code, _, err = finish(train("fit", "--data.data_dir", folder, "--trainer.max_epochs", "1", *SMALL, cwd=folder))
-        held += code == 2 and one_error_line(err) and sorted(os.listdir(outside)) == before
+        held += held_if(code == 2 and one_error_line(err) and sorted(os.listdir(outside)) == before,
+                        f"archive {name}", code, err)
     return {"trials": len(kinds), "held": held, "detail": ", ".join(kinds)}
 
 
@@ -322,6 +334,8 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     print("\n" + table)
+    for line in FAILED:
+        print("did not hold:", line)
     if args.out:
         args.out.write_text(table + "\n")
     shutil.rmtree(root, ignore_errors=True)
