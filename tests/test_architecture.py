@@ -4,6 +4,7 @@ and no package has an import cycle (lazy imports inside functions included: impo
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,3 +30,18 @@ def test_the_math_files_import_nothing_else_of_handgrad():
             words = line.split()
             if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].startswith("handgrad"):
                 assert words[1].startswith("handgrad.core"), f"{path.name}: {line}"
+
+
+def test_an_import_that_goes_up_breaks_the_contracts(tmp_path):
+    """The contracts can fail: a copy of the package where data/ imports train/ (a layer above) is refused."""
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint is None:
+        pytest.fail("lint-imports (import-linter, a dev extra) is not installed beside this Python")
+    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    planted = tmp_path / "src" / "handgrad" / "data" / "normalization.py"
+    planted.write_text(planted.read_text() + "\nfrom handgrad.train import module  # planted: goes up\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+    run = subprocess.run([lint, "--no-cache"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode != 0 and "BROKEN" in run.stdout.upper(), run.stdout[-3000:] + run.stderr[-2000:]
+    assert "handgrad.data.normalization -> handgrad.train.module" in run.stdout, run.stdout[-3000:]
