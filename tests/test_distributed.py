@@ -147,11 +147,42 @@ def two_processes(cmd: list[str], cwd: Path) -> str:
     return output
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def srun_tasks(cmd: list[str], cwd: Path, tasks: int = 2) -> str:
+    """Run cmd as `srun --ntasks TASKS` would on one node: one process per task, with the variables srun gives
+    each (Lightning's SLURMEnvironment reads them: it is detected by SLURM_NTASKS and creates no processes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slurm = {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NNODES": "1",
+             "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "handgrad", "SLURM_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True,
+                              env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in range(tasks)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail(f"the srun-like job did not finish in 240 s; its output:\n{proc.communicate()[0][-5000:]}")
+    assert [p.returncode for p in procs] == [0] * tasks, "\n".join(o[-3000:] for o in outputs)
+    assert "distributed_backend=gloo" in outputs[0] and f"Starting with {tasks} processes" in outputs[0]
+    assert all(f"GLOBAL_RANK: {r}," in o and o.count("GLOBAL_RANK") == 1 for r, o in enumerate(outputs)), \
+        "each task is one rank: Lightning started no processes of its own"
+    return outputs[0]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "slurm"])
 def test_two_processes_train_like_one(tmp_path, monkeypatch, strategy):
     """train.py fit with 2 CPU processes (gloo) and batch 4 against 1 process and batch 8: the same weights
     (float64, 1e-12) and the same logged metrics. ddp: the hand-written backward, then autograd (through DDP's
-    hooks) in the same job (this file run as a script); ddp_spawn: the hand-written backward."""
+    hooks) in the same job (this file run as a script); ddp_spawn: the hand-written backward; slurm: two processes
+    started as srun starts them (docs/distributed.md), the hand-written backward."""
     from conftest import write_image_folder
 
     data = tmp_path / "data"
@@ -161,6 +192,10 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch, strategy):
     if strategy == "ddp":
         two_processes([sys.executable, __file__, str(data)], run_dir)
         backprops = ("handgrad", "autograd")
+    elif strategy == "slurm":
+        srun_tasks([sys.executable, str(REPO / "train.py"), *fit_args(data), "--data.batch_size", "4",
+                    "--trainer.strategy", "ddp", "--trainer.devices", "2"], run_dir)
+        backprops = ("handgrad",)
     else:
         two_processes([sys.executable, str(REPO / "train.py"), *fit_args(data), "--data.batch_size", "4",
                        "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"], run_dir)
