@@ -16,6 +16,7 @@ import argparse
 import os
 import pickle
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -140,8 +141,9 @@ def kill_extraction(work: Path, data: Path, scale: int) -> dict:
 
 def full_disks(work: Path, data: Path, scale: int) -> dict:
     """Fits on small tmpfs disks: one error line naming the command that resumes, which works once space is free."""
-    sizes = ["400k", "600k", "900k", "2m"] if scale else ["600k"]
-    held = 0
+    sizes = ["400k", "600k", "900k", "1200k"] if scale else ["600k"]
+    held = trials = 0
+    unfilled = []
     for size in sizes:
         disk = work / f"disk{size}"
         disk.mkdir()
@@ -153,16 +155,23 @@ def full_disks(work: Path, data: Path, scale: int) -> dict:
             code, _, err = finish(train("fit", "--data.data_dir", data, "--trainer.max_epochs", "3", *SMALL,
                                         "--last_checkpoint.every_n_train_steps", "1",
                                         "--model.log_histograms_every_n_steps", "1", cwd=disk))
-            if code != 2 or not one_error_line(err) or "resume with: " not in err:
+            if code == 0:  # the run fitted on this disk: nothing to resume, not a trial
+                unfilled.append(size)
                 continue
-            command = err.split("resume with: ")[1].rsplit(" (or write elsewhere", 1)[0]
-            filler.unlink()
-            rerun = subprocess.run([sys.executable, *command.split()[1:]], cwd=disk, env=ENV, capture_output=True,
-                                   text=True)
-            held += rerun.returncode == 0 or (rerun.returncode == 2 and one_error_line(rerun.stderr))
+            trials += 1
+            ok = code == 2 and one_error_line(err) and "resume with: " in err
+            if ok:
+                command = err.split("resume with: ")[1].rsplit(" (or write elsewhere", 1)[0]
+                filler.unlink()
+                rerun = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=disk, env=ENV,
+                                       capture_output=True, text=True)
+                ok = rerun.returncode == 0 or (rerun.returncode == 2 and one_error_line(rerun.stderr))
+                code, err = rerun.returncode, "the printed command: " + rerun.stderr
+            held += held_if(ok, f"full disk {size}", code, err)
         finally:
             subprocess.run(["umount", str(disk)])
-    return {"trials": len(sizes), "held": held, "detail": f"tmpfs of {', '.join(sizes)}; the printed command rerun"}
+    filled = f"; the run fitted on {', '.join(unfilled)}" if unfilled else ""
+    return {"trials": trials, "held": held, "detail": f"tmpfs of {', '.join(sizes)}{filled}; the printed command rerun"}
 
 
 class RunsCode:
@@ -267,8 +276,8 @@ def kill_resume(work: Path, data: Path, scale: int) -> dict:
     if finish(train(*args, cwd=reference))[0] != 0:
         return {"trials": 0, "held": 0, "detail": "the reference run failed"}
     expected = torch.load(next(reference.rglob("last.ckpt")), weights_only=True)["state_dict"]
-    trials, held, rng = (10 if scale else 2), 0, random.Random(1)
-    for t in range(trials):
+    kills, held, early, rng = (10 if scale else 2), 0, 0, random.Random(1)
+    for t in range(kills):
         folder = work / f"run{t}"
         folder.mkdir()
         p = train(*args, cwd=folder)
@@ -276,12 +285,15 @@ def kill_resume(work: Path, data: Path, scale: int) -> dict:
         p.send_signal(signal.SIGKILL if t % 2 == 0 else signal.SIGINT)
         p.communicate()
         last = next(folder.rglob("last.ckpt"), None)
-        if last is None:
+        if last is None:  # stopped before its first step: nothing to resume, not a trial
+            early += 1
             continue
-        code = finish(train(*args, "--ckpt_path", last, cwd=folder))[0]
+        code, _, err = finish(train(*args, "--ckpt_path", last, cwd=folder))
         got = torch.load(next(folder.rglob("last.ckpt")), weights_only=True)["state_dict"]
-        held += code == 0 and all(torch.equal(got[k], v) for k, v in expected.items())
-    return {"trials": trials, "held": held, "detail": "half SIGKILL, half SIGINT, at 4-9 s"}
+        held += held_if(code == 0 and all(torch.equal(got[k], v) for k, v in expected.items()),
+                        f"resume {t} ({'SIGKILL' if t % 2 == 0 else 'SIGINT'})", code, err)
+    stopped = f"; {early} stopped before their first checkpoint" if early else ""
+    return {"trials": kills - early, "held": held, "detail": f"half SIGKILL, half SIGINT, at 4-9 s{stopped}"}
 
 
 def killed_sweep_rank(work: Path, data: Path, scale: int) -> dict:
