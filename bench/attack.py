@@ -259,11 +259,12 @@ BAD = [["--model.lrr", "0.1"], ["--model.lr", "nan"], ["--model.lr", "-1"], ["--
 def bad_options(work: Path, data: Path, scale: int) -> dict:
     """Bad options: exit 2, one error line, nothing written."""
     held = 0
-    for bad in BAD:
-        folder = work / str(held) / "w"
-        folder.mkdir(parents=True, exist_ok=True)
+    for i, bad in enumerate(BAD):
+        folder = work / str(i) / "w"
+        folder.mkdir(parents=True)
         code, _, err = finish(train("fit", "--data.data_dir", data, *SMALL, *bad, cwd=folder))
-        held += code == 2 and one_error_line(err) and not os.listdir(folder)
+        held += held_if(code == 2 and one_error_line(err) and not os.listdir(folder), f"fit {' '.join(bad)}", code,
+                        err)
     return {"trials": len(BAD), "held": held, "detail": "fit with each; the main job takes the same checks"}
 
 
