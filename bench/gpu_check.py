@@ -157,7 +157,7 @@ def environment(c: Check, budget: float) -> dict:
 def cuda_tests(c: Check, budget: float) -> dict:
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
                    if "pytest.mark.cuda" in p.read_text())
-    code, output, seconds = c.run([c.python, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
+    code, output, seconds = c.run([c.python, "-m", "pytest", "-m", "cuda", "-x", "-q", "-rs", "-p", "no:cacheprovider",
                                    *files], budget, "cuda_tests")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", output)}
     if c.dry and code == 0 and counts.get("passed"):
