@@ -401,6 +401,25 @@ def test_grid_sgd_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="member axis"):
         GridSGD([torch.nn.Parameter(torch.zeros(3, 2))], lr=[0.1, 0.1], momentum=[0, 0], dampening=[0, 0],
                 weight_decay=[0, 0], nesterov=[False, False])
+    with pytest.raises(ValueError, match=r"member 1: nesterov must be true or false, got 'false'"):
+        GridSGD(net.parameters(), lr=[0.1, 0.1], momentum=[0.9, 0.9], dampening=[0, 0], weight_decay=[0, 0],
+                nesterov=[False, "false"])  # bool("false") would be True
+    with pytest.raises(ValueError, match=r"member 0: lr must be a finite number >= 0, got True"):
+        GridSGD(net.parameters(), lr=[True, 0.1], momentum=[0, 0], dampening=[0, 0], weight_decay=[0, 0],
+                nesterov=[False, False])
+
+
+def test_grid_sgd_keeps_low_precision_members_hyperparameters_in_float32():
+    """On bfloat16 parameters the stacked step's hyperparameters stay float32 (momentum 0.9, not bfloat16's
+    0.8984375), as torch.optim.SGD keeps them Python floats; a float64 grid keeps them float64."""
+    net, _ = _grid_of_distinct_members(2)
+    opt = GridSGD(net.parameters(), lr=[0.01, 0.1], momentum=[0.9, 0.0], dampening=[0, 0], weight_decay=[0, 0],
+                  nesterov=[False, False], per_member=False)
+    group = opt.param_groups[0]
+    low = opt.member_tensors(group, torch.zeros(2, dtype=torch.bfloat16))
+    assert low["momentum"].dtype == torch.float32 and low["momentum"].flatten().tolist() == [
+        torch.tensor(0.9, dtype=torch.float32).item(), 0.0]
+    assert opt.member_tensors(group, torch.zeros(2, dtype=torch.float64))["lr"].flatten().tolist() == [0.01, 0.1]
 
 
 # ----------------------------------------------------------------------------- selection

@@ -168,15 +168,15 @@ class GridSGD(Optimizer):
 
     def __init__(self, params, lr: Sequence[float], momentum: Sequence[float], dampening: Sequence[float],
                  weight_decay: Sequence[float], nesterov: Sequence[bool], per_member: Optional[bool] = None):
-        hp = {"lr": [float(v) for v in lr], "momentum": [float(v) for v in momentum],
-              "dampening": [float(v) for v in dampening], "weight_decay": [float(v) for v in weight_decay],
-              "nesterov": [bool(v) for v in nesterov]}
-        K = len(hp["lr"])
-        if K == 0 or any(len(v) != K for v in hp.values()):
+        raw = {"lr": list(lr), "momentum": list(momentum), "dampening": list(dampening),
+               "weight_decay": list(weight_decay), "nesterov": list(nesterov)}
+        K = len(raw["lr"])
+        if K == 0 or any(len(v) != K for v in raw.values()):
             raise ValueError(f"GridSGD: every hyperparameter needs one value per member, got lengths "
-                             f"{ {k: len(v) for k, v in hp.items()} }")
-        for k in range(K):
-            check_hyperparameters(*(hp[name][k] for name in HYPERPARAMETERS), name=lambda h: f"GridSGD member {k}: {h}")
+                             f"{ {k: len(v) for k, v in raw.items()} }")
+        for k in range(K):  # the values as given: "false" is not a boolean, True is not a learning rate
+            check_hyperparameters(*(raw[name][k] for name in HYPERPARAMETERS), name=lambda h: f"GridSGD member {k}: {h}")
+        hp = {k: [bool(v) if k == "nesterov" else float(v) for v in values] for k, values in raw.items()}
         super().__init__(params, hp)
         for group in self.param_groups:
             for p in group["params"]:
@@ -188,10 +188,12 @@ class GridSGD(Optimizer):
         self._scratch: dict = {}  # two work tensors per parameter, reused every step (not state: not saved)
 
     def member_tensors(self, group: dict, like: Tensor) -> dict[str, Tensor]:
-        """The group's hyperparameters as (K, 1, 1) tensors on ``like``'s device and dtype (built once)."""
-        key = (like.device, like.dtype, *(tuple(group[k]) for k in HYPERPARAMETERS))
+        """The group's hyperparameters as (K, 1, 1) tensors on ``like``'s device (built once), in its dtype but at
+        least float32: in bfloat16 momentum 0.9 would be 0.8984375, while torch's SGD keeps it a Python float."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        key = (like.device, dtype, *(tuple(group[k]) for k in HYPERPARAMETERS))
         if key not in self._hp_cache:
-            t = {k: torch.tensor(group[k], dtype=like.dtype).view(-1, 1, 1) for k in HYPERPARAMETERS if k != "nesterov"}
+            t = {k: torch.tensor(group[k], dtype=dtype).view(-1, 1, 1) for k in HYPERPARAMETERS if k != "nesterov"}
             t["lr_neg"] = -t["lr"]
             t["one_minus_dampening"] = torch.where(t["momentum"] != 0, 1 - t["dampening"], torch.ones_like(t["lr"]))
             t["nesterov"] = torch.tensor(group["nesterov"]).view(-1, 1, 1)
