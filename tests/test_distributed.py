@@ -122,6 +122,32 @@ def test_outside_a_process_group_nothing_is_reduced():
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
+def _low_precision_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.randn(50, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+        p = torch.nn.Parameter(torch.zeros(50, dtype=torch.bfloat16))
+        p.grad = g.clone()
+        n_local = 999 if rank == 0 else 2  # N = 1001: bfloat16 has 8 bits, it would count 1000
+        loss, n = distributed.all_reduce_gradients([p], torch.tensor(1.0 + rank, dtype=torch.bfloat16), n_local)
+        torch.save(dict(g=g, grad=p.grad, loss=loss, n=n), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_all_reduce_of_half_precision_gradients_counts_exactly(tmp_path):
+    """bf16-true / 16-true runs: the global batch's N and weighted mean are summed in float32, then the gradient
+    is rounded once into the parameter's dtype."""
+    mp.start_processes(_low_precision_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    expected = ((999 * ranks[0]["g"].float() + 2 * ranks[1]["g"].float()) / 1001).to(torch.bfloat16)
+    for r in ranks:
+        assert r["n"].item() == 1001 and r["grad"].dtype == torch.bfloat16
+        assert torch.equal(r["grad"], expected)
+        assert r["loss"].item() == pytest.approx((999 * 1 + 2 * 2) / 1001, rel=1e-2)  # in the loss's dtype
+
+
 # ------------------------------------------------------------------ train.py with --trainer.strategy ddp
 
 def scalars(log_dir: Path) -> dict[str, list[float]]:

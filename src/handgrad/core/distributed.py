@@ -39,15 +39,16 @@ def all_reduce_gradients(params: Iterable[Tensor], loss: Tensor, n_local: int, g
         g = Σ_r n_r g_r / N,   L = Σ_r n_r L_r / N
 
     Every ``p.grad`` is replaced by g in place (pass no params to reduce only the loss); returns (L, N), both
-    tensors on the loss's device (no host sync). A process with n_local = 0 contributes zeros (its mean loss
-    0/0 is NaN and must not reach the sum). Outside a process group of more than one process: (loss, n_local).
+    tensors on the loss's device (no host sync); the sum, and N, in float32 at least (half-precision gradients
+    are summed in float32 and rounded once). A process with n_local = 0 contributes zeros (its mean loss 0/0 is
+    NaN and must not reach the sum). Outside a process group of more than one process: (loss, n_local).
     """
-    if not is_distributed():
-        return loss, loss.new_full((), n_local)  # a fill on the device, not a host-to-device copy (a sync)
+    if not is_distributed():  # N: a fill on the device, not a host-to-device copy (a sync); float32 at least
+        return loss, loss.new_full((), n_local, dtype=torch.promote_types(loss.dtype, torch.float32))
     grads = [p.grad for p in params if p.grad is not None]
-    dtype = grads[0].dtype if grads else loss.dtype
+    dtype = torch.promote_types(grads[0].dtype if grads else loss.dtype, torch.float32)  # bfloat16 counts 999 as 1000
     tail = [loss.detach().reshape(1).to(dtype), loss.new_ones(1, dtype=dtype)]
-    flat = torch.cat([g.reshape(-1) for g in grads] + tail)
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads] + tail)
     if n_local == 0:
         flat.zero_()
     else:
@@ -59,4 +60,4 @@ def all_reduce_gradients(params: Iterable[Tensor], loss: Tensor, n_local: int, g
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-    return flat[-1].to(loss.dtype), n_total.to(loss.dtype)
+    return flat[-1].to(loss.dtype), n_total
