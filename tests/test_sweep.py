@@ -357,16 +357,17 @@ def test_seeds_and_best_epoch_selection_end_to_end(image_folder, tmp_path, monke
 
 def test_default_members_per_step(monkeypatch):
     """Unset, K is 16 on a CPU; on a GPU half the free memory over one member's share (its parameters in weights,
-    gradients, momentum, SGD work tensor and, with best_epoch, the best copy; its activations for one batch)."""
+    gradients, momentum, the SGD step's two work tensors and, with best_epoch, the best copy; its activations for
+    one batch)."""
     from handgrad.sweep.ranks import default_members_per_step
 
     sizes = [3072, 512, 128, 32, 2]
     assert default_members_per_step(torch.device("cpu"), sizes, 256, torch.float32, keep_best=False) == 16
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 140 * 2**30))
     params = 3072 * 512 + 512 + 512 * 128 + 128 + 128 * 32 + 32 + 32 * 2 + 2
-    for keep_best, copies in ((False, 4), (True, 5)):
+    for keep_best, copies in ((False, 5), (True, 6)):
         per_member = 4 * (copies * params + 3 * 256 * (512 + 128 + 32 + 2))
         assert default_members_per_step(torch.device("cuda", 0), sizes, 256, torch.float32, keep_best) == \
             40 * 2**30 // per_member
     assert default_members_per_step(torch.device("cuda", 0), sizes, 256, torch.float64, False) == \
-        40 * 2**30 // (8 * (4 * params + 3 * 256 * 674))
+        40 * 2**30 // (8 * (5 * params + 3 * 256 * 674))

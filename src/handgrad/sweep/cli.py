@@ -17,7 +17,7 @@ from handgrad.core.activations import Activation
 from handgrad.core.mlp import check_sizes
 from handgrad.data.datamodule import CIFAR10DataModule
 from handgrad.runtime.errors import ConfigError, HandgradError, SetupError
-from handgrad.sweep.fused import Compile
+from handgrad.sweep.fused import Compile, check_compile
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import RULES
 from handgrad.train.cli import SEED, TRAINER_DEFAULTS, HandgradArgumentParser, RunLogger, logs_under_default_root_dir
@@ -83,7 +83,7 @@ class SweepCLI(LightningCLI):
         parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
         parser.add_class_arguments(SweepModel, "model")
-        parser.add_lightning_class_args(self._datamodule_class, "data")
+        parser.add_lightning_class_args(self.datamodule_class, "data")
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--sequential", action=ActionYesNo, default=False,
@@ -137,6 +137,4 @@ def check(cli: SweepCLI, args: list[str]) -> None:
     if launches and sys.argv[len(sys.argv) - len(args):] != list(args):
         raise SetupError("a sweep over several processes is started from the command line (Lightning runs the "
                          "same command once per device): python train.py sweep ... --trainer.devices N")
-    if model.compile == "cuda_graph" and strategy.root_device.type != "cuda":
-        raise SetupError("--model.compile cuda_graph records the training step as a CUDA graph and needs a CUDA "
-                         "device (--trainer.accelerator gpu); on a CPU use --model.compile inductor or none")
+    check_compile(model.compile, strategy.root_device)

@@ -8,9 +8,17 @@ import torch
 from torch import Tensor
 
 from handgrad.core.grid import GridSGD, stacked_sgd
+from handgrad.runtime.errors import SetupError
 
 COMPILE_MODES = ("inductor", "cuda_graph")
 Compile = Optional[Literal["none", "inductor", "cuda_graph"]]  # "none" or null: the eager step
+
+
+def check_compile(mode: Compile, device: torch.device) -> None:
+    """cuda_graph needs a CUDA device (SetupError, one line, otherwise)."""
+    if mode == "cuda_graph" and device.type != "cuda":
+        raise SetupError("--model.compile cuda_graph records the training step as a CUDA graph and needs a CUDA "
+                         "device (--trainer.accelerator gpu); on a CPU use --model.compile inductor or none")
 
 
 class FusedStep:

@@ -19,10 +19,10 @@ from torch import Tensor
 from handgrad.core.grid import GridMLP, GridSGD, grid_backward
 from handgrad.core.loss_scale import unscale_, update_scale_
 from handgrad.core.losses import cross_entropy
-from handgrad.core.mlp import MLP
+from handgrad.core.mlp import MLP, check_sizes
 from handgrad.core.optim import HYPERPARAMETERS
 from handgrad.runtime.errors import SetupError
-from handgrad.sweep.fused import COMPILE_MODES, Compile, FusedStep
+from handgrad.sweep.fused import COMPILE_MODES, Compile, FusedStep, check_compile
 from handgrad.sweep.outcome import METRICS, STEPS
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import is_better
@@ -104,7 +104,7 @@ class GridClassifier(L.LightningModule):
         self.automatic_optimization = False
         self.members = expand_grid(grid, members)
         self.K = len(self.members)
-        self.sizes = [int(n) for n in sizes]
+        self.sizes = check_sizes(sizes)
         self.net = GridMLP(self.sizes, self.K, activation)
         for seed in dict.fromkeys(m.get("seed", init_seed) for m in self.members):  # each initial MLP once
             ks = [k for k, m in enumerate(self.members) if m.get("seed", init_seed) == seed]
@@ -137,9 +137,7 @@ class GridClassifier(L.LightningModule):
                              f"{type(self.trainer.strategy).__name__} with {self.trainer.world_size} processes); "
                              f"to use several devices run `python train.py sweep --trainer.devices N`, which gives "
                              f"each process its own share of the members")
-        if self.hparams.compile == "cuda_graph" and self.trainer.strategy.root_device.type != "cuda":
-            raise SetupError("compile='cuda_graph' records the training step as a CUDA graph and needs a CUDA "
-                             "device (--trainer.accelerator gpu); on a CPU use compile='inductor' or null")
+        check_compile(self.hparams.compile, self.trainer.strategy.root_device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

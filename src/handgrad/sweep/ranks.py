@@ -156,14 +156,14 @@ def default_members_per_step(device: torch.device, sizes: list[int], batch_size:
                              keep_best: bool) -> int:
     """K when ``--model.members_per_step`` is not given. On a CPU a fixed :data:`CPU_MEMBERS_PER_STEP`. On a GPU
     half the free memory divided by one member's share: its parameters in every copy the step keeps (weights,
-    gradients, momentum buffers, the SGD work tensor, and the best-epoch copy with ``--select best_epoch``) plus its
-    activations and deltas for one batch (a^l, z^l, delta^l for every layer)."""
+    gradients, momentum buffers, the SGD step's two work tensors, and the best-epoch copy with ``--select
+    best_epoch``) plus its activations and deltas for one batch (a^l, z^l, delta^l for every layer)."""
     if device.type != "cuda":
         return CPU_MEMBERS_PER_STEP
     free, _ = torch.cuda.mem_get_info(device)
     size = torch.tensor([], dtype=dtype).element_size()
     params = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
-    per_member = size * (params * (5 if keep_best else 4) + 3 * batch_size * sum(sizes[1:]))
+    per_member = size * (params * (6 if keep_best else 5) + 3 * batch_size * sum(sizes[1:]))
     return max(1, int(0.5 * free // per_member))
 
 
