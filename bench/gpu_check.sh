@@ -9,7 +9,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ] && [ "${1:-}" = "--dry-run" ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+    case " $* " in
+        *" --dry-run "*) if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi ;;
+        *) PYTHON=python3 ;;
+    esac
 fi
 export PYTHON
 exec "$PYTHON" bench/gpu_check.py "$@"
