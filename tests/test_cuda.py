@@ -24,7 +24,7 @@ from handgrad.sweep.module import GridClassifier
 from handgrad.sweep.ranks import default_members_per_step
 from handgrad.train.module import HandgradClassifier
 from test_module import TensorData
-from test_precision import Scales, relative, tolerance
+from test_precision import Scales, grad_scaler_run, relative, tolerance
 
 pytestmark = pytest.mark.cuda
 SIZES = [3072, 64, 32, 10]
@@ -152,20 +152,7 @@ def test_16_mixed_on_the_gpu_scales_as_grad_scaler():
     record = Scales()
     gpu_trainer(max_epochs=3, plugins=[plugin], limit_val_batches=0, callbacks=[record]).fit(model, TensorData())
     assert isinstance(plugin.scaler, LossScaler) and model.mlp.compute_dtype == torch.float16
-    reference = MLP(SIZES).cuda()
-    reference.load_state_dict({k.removeprefix("mlp."): v for k, v in start.items()})
-    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=0.001)
-    scaler, scales, skipped = torch.amp.GradScaler("cuda", **settings), [], []
-    for x, y in [b for _ in range(3) for b in TensorData().train_dataloader()]:
-        before = reference.fc["1"].weight.detach().clone()
-        opt.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = F.cross_entropy(reference(x.cuda()).float(), y.cuda())
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        scales.append(scaler.get_scale())
-        skipped.append(torch.equal(before, reference.fc["1"].weight))
+    _, scales, skipped = grad_scaler_run(start, TensorData(), 3, settings, "cuda")
     assert record.scales == scales and record.skipped == skipped
     assert any(skipped) and min(scales) < settings["init_scale"]  # it overflowed: the test is not vacuous
 

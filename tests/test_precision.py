@@ -194,6 +194,28 @@ class Scales(L.Callback):
         self.skipped.append(torch.equal(self._before, pl_module.mlp.fc["1"].weight))
 
 
+def grad_scaler_run(start: dict, data, epochs: int, settings: dict, device: str):
+    """The reference: the same MLP trained by a plain loop with torch.autocast (float16), torch.amp.GradScaler and
+    torch.optim.SGD (lr 0.05, momentum 0.9, weight decay 0.001); (the MLP, the scale after each step, which steps
+    left the weights as they were)."""
+    reference = MLP(SIZES).to(device)
+    reference.load_state_dict({k.removeprefix("mlp."): v for k, v in start.items() if k.startswith("mlp.")})
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=0.001)
+    scaler = torch.amp.GradScaler(device, **settings)
+    scales, skipped = [], []
+    for x, y in [batch for _ in range(epochs) for batch in data.train_dataloader()]:
+        before = reference.fc["1"].weight.detach().clone()
+        opt.zero_grad()
+        with torch.autocast(device, dtype=torch.float16):
+            loss = F.cross_entropy(reference(x.to(device)).float(), y.to(device))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        skipped.append(torch.equal(before, reference.fc["1"].weight))
+    return reference, scales, skipped
+
+
 def test_16_mixed_in_lightning_scales_by_hand_like_grad_scaler(tmp_path):
     """Lightning's MixedPrecision plugin with a CPU GradScaler (as Lightning makes one on CUDA): the model puts the
     hand-written scaler in its place, with its settings; a run started at a scale that overflows float16 skips steps
@@ -209,21 +231,7 @@ def test_16_mixed_in_lightning_scales_by_hand_like_grad_scaler(tmp_path):
     trainer(tmp_path, max_epochs=epochs, plugins=[plugin], callbacks=[record], limit_val_batches=0).fit(model, data)
     assert isinstance(plugin.scaler, LossScaler) and model.mlp.compute_dtype == torch.float16
 
-    reference = MLP(SIZES)
-    reference.load_state_dict({k.removeprefix("mlp."): v for k, v in start.items() if k.startswith("mlp.")})
-    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=0.001)
-    scaler = torch.amp.GradScaler("cpu", **settings)
-    scales, skipped = [], []
-    for x, y in [batch for _ in range(epochs) for batch in data.train_dataloader()]:
-        before = reference.fc["1"].weight.detach().clone()
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(reference(x).float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        scales.append(scaler.get_scale())
-        skipped.append(torch.equal(before, reference.fc["1"].weight))
+    reference, scales, skipped = grad_scaler_run(start, data, epochs, settings, "cpu")
     assert record.skipped == skipped and record.scales == scales
     assert skipped[0] and not all(skipped) and scales[0] < 2.0 ** 24  # it overflowed, then trained
     for l in range(1, 4):  # the same steps from nearly the same gradients
