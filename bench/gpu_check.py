@@ -192,6 +192,14 @@ def data_folder(c: Check) -> tuple[Path, str]:
     return c.data, c.data_kind
 
 
+def several(figures: dict, failed: list[str], **extra) -> dict:
+    """The record of a step made of several runs: a fail when one failed, each failure on a line of its own."""
+    record = {"status": "fail" if failed else "pass", "figures": figures, **extra}
+    if failed:
+        record["error"] = "\n".join(failed)
+    return record
+
+
 def tiny(c: Check) -> list[str]:
     """The dry run's sizes: a small network, one epoch, on the CPU."""
     return ["--model.sizes", "[3072, 16, 2]", "--trainer.max_epochs", "1"] if c.dry else []
@@ -264,10 +272,7 @@ def sweep(c: Check, budget: float) -> dict:
         if mode != "none" and "none" in tables and (problems := compare_tables(tables["none"], tables[mode])):
             failed.append(f"{mode} differs from eager: {'; '.join(problems[:5])}")
     figures["tolerance"], figures["epochs"] = TOLERANCE, 1 if c.dry else SWEEP_EPOCHS
-    record = {"status": "fail" if failed else "pass", "figures": figures}
-    if failed:
-        record["error"] = "\n".join(failed)
-    return record
+    return several(figures, failed)
 
 
 def verify(c: Check, budget: float) -> dict:
@@ -282,10 +287,7 @@ def verify(c: Check, budget: float) -> dict:
         figures[precision] = {"seconds": round(seconds, 1), "checks": summary.group(0) if summary else None}
         if code != 0:
             failed.append(f"{precision}: exit {code}: {output.strip()[-600:]}")
-    record = {"status": "fail" if failed else "pass", "figures": figures}
-    if failed:
-        record["error"] = "\n".join(failed)
-    return record
+    return several(figures, failed)
 
 
 def bench(c: Check, budget: float) -> dict:
@@ -312,11 +314,7 @@ def bench(c: Check, budget: float) -> dict:
     summary = [{k: r.get(k) for k in ("row", "part", "precision", "epoch_s", "vs_plain", "train_s", "gflops",
                                        "floor_epoch_s", "first_step_s", "import_floor_s") if k in r}
                for r in rows if r.get("event") == "summary"]
-    record = {"status": "fail" if failed else "pass", "figures": {"data": kind, "summary": summary},
-              "tables": tables}
-    if failed:
-        record["error"] = "\n".join(failed)
-    return record
+    return several({"data": kind, "summary": summary}, failed, tables=tables)
 
 
 STEPS = {"wheels": wheels, "environment": environment, "cuda tests": cuda_tests, "bench": bench, "sweep": sweep,

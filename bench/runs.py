@@ -223,36 +223,37 @@ def run_plain(args, data, members, device, precision: str, part: str = "plain") 
     return out
 
 
-def run_trainer(args, data, members, device, precision: str) -> list[dict]:
-    out = []
-    for k, m in enumerate(members):
-        torch.manual_seed(SEED)  # the same initial weights as the baseline's and the grid's
-        model = HandgradClassifier(sizes=SIZES, **m)
-        clock = EpochClock()
-        reset_peak(device)
-        t0 = time.perf_counter()
-        with matmul_precision(precision):
-            trainer_for(args, clock, precision).fit(model, datamodule=data)
-            fit_s = time.perf_counter() - t0
-            acc = val_accuracy(model.to(device).mlp(data.val_x).float(), data.val_y)[0]  # (teardown moved it)
-        out.append({"part": part_name("trainer", precision), "precision": precision, "member": k, "epoch_s": clock.epoch_s, "epoch_cpu_s": clock.epoch_cpu_s,
-                    "fit_s": fit_s,
-                    "val_acc": [acc], "peak_mem_mb": peak_memory_mb(device)})
-    return out
-
-
-def run_grid(args, data, members, device, mode: str, precision: str) -> list[dict]:
-    model = GridClassifier(members=members, sizes=SIZES, init_seed=SEED, compile=None if mode == "none" else mode)
+def fit_timed(args, model, data, device, precision: str) -> dict:
+    """One Trainer fit of ``model``: its part of a record (epoch times, fit seconds, peak memory) and the model's
+    validation logits, computed after the fit (the teardown moved the model: it goes back to the device)."""
     clock = EpochClock()
     reset_peak(device)
     t0 = time.perf_counter()
     with matmul_precision(precision):
         trainer_for(args, clock, precision).fit(model, datamodule=data)
         fit_s = time.perf_counter() - t0
-        acc = val_accuracy(model.to(device).net(data.val_x).float(), data.val_y)  # (the teardown moved it)
-    return [{"part": part_name(f"grid[{mode}]", precision), "precision": precision, "member": "all", "epoch_s": clock.epoch_s, "epoch_cpu_s": clock.epoch_cpu_s,
-             "fit_s": fit_s, "val_acc": acc,
-             "peak_mem_mb": peak_memory_mb(device)}]
+        logits = model.to(device)(data.val_x).float()
+    return {"epoch_s": clock.epoch_s, "epoch_cpu_s": clock.epoch_cpu_s, "fit_s": fit_s,
+            "peak_mem_mb": peak_memory_mb(device), "logits": logits}
+
+
+def run_trainer(args, data, members, device, precision: str) -> list[dict]:
+    out = []
+    for k, m in enumerate(members):
+        torch.manual_seed(SEED)  # the same initial weights as the baseline's and the grid's
+        fit = fit_timed(args, HandgradClassifier(sizes=SIZES, **m), data, device, precision)
+        acc = val_accuracy(fit.pop("logits"), data.val_y)
+        out.append({"part": part_name("trainer", precision), "precision": precision, "member": k, **fit,
+                    "val_acc": acc})
+    return out
+
+
+def run_grid(args, data, members, device, mode: str, precision: str) -> list[dict]:
+    model = GridClassifier(members=members, sizes=SIZES, init_seed=SEED, compile=None if mode == "none" else mode)
+    fit = fit_timed(args, model, data, device, precision)
+    acc = val_accuracy(fit.pop("logits"), data.val_y)
+    return [{"part": part_name(f"grid[{mode}]", precision), "precision": precision, "member": "all", **fit,
+             "val_acc": acc}]
 
 
 def run_gemm(args, device, precisions) -> list[dict]:
