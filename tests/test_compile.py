@@ -79,7 +79,7 @@ def addresses(model) -> dict:
                 for i, w in enumerate(opt.work_tensors(p))})
     out.update({f"hp {k}": v.data_ptr() for hp in opt._hp_cache.values() for k, v in hp.items()})
     out.update({n: b.data_ptr() for n, b in model.named_buffers()})
-    out.update({f"sums {i}": t.data_ptr() for i, t in enumerate(model._sums["train"])})
+    out.update({f"sums {i}": t.data_ptr() for i, t in enumerate(model.sums.sums["train"])})
     return out
 
 

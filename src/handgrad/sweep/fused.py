@@ -56,7 +56,7 @@ class FusedStep:
         tensors = [t for params, bufs, steps, scratch, hp, _ in plan
                    for t in (*params, *bufs, *steps, *(w for pair in scratch for w in pair), *hp.values())]
         tensors += [p.grad for params, *_ in plan for p in params]
-        tensors += [*m.buffers(), *m._sums["train"]]
+        tensors += [*m.buffers(), *m.sums.sums["train"]]
         addresses = [(t.device, t.data_ptr()) for t in tensors]
         if addresses != self._addresses:
             self.plan, self._addresses = plan, addresses

@@ -23,6 +23,7 @@ from handgrad.core.mlp import MLP, check_sizes
 from handgrad.core.optim import HYPERPARAMETERS
 from handgrad.runtime.errors import SetupError
 from handgrad.sweep.fused import COMPILE_MODES, Compile, FusedStep, check_compile
+from handgrad.sweep.member_sums import MemberSums
 from handgrad.sweep.outcome import METRICS, STEPS
 from handgrad.sweep.search import expand_grid
 from handgrad.sweep.select import is_better
@@ -122,8 +123,7 @@ class GridClassifier(L.LightningModule):
         self._best_score = [(-math.inf, math.inf)] * self.K  # (val acc, val loss) of each member's best validation
         self.test_member: Optional[int] = None
         self.test_result: dict = {}  # test_loss, test_acc (floats), confusion_matrix (a tensor)
-        self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # stage -> (sum of N * loss_k, correct_k), in place
-        self._counts: dict[str, int] = {}  # stage -> samples seen (on the host)
+        self.sums = MemberSums(self.K)  # each member's epoch loss and accuracy, summed on the device
         self._test_counts: Optional[Tensor] = None  # the test member's confusion matrix, flat (on the device)
         self.fused = FusedStep(self, compile) if compile in COMPILE_MODES else None
 
@@ -148,42 +148,11 @@ class GridClassifier(L.LightningModule):
     def configure_optimizers(self):
         return GridSGD(self.net.parameters(), **{k: [m[k] for m in self.members] for k in HYPERPARAMETERS})
 
-    # ---------------------------------------------------------------- per-member metrics, on the device
-
-    def _reset(self, stage: str) -> None:
-        """Zero the stage's sums in place (allocated once: a captured step keeps writing into the same tensors)."""
-        w = self.net.fc["1"].weight
-        sums = self._sums.get(stage)
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # (bfloat16 sums would round)
-        if sums is None or sums[0].device != w.device or sums[0].dtype != dtype:
-            self._sums[stage] = (torch.zeros(self.K, dtype=dtype, device=w.device),
-                                 torch.zeros(self.K, dtype=torch.long, device=w.device))
-        else:
-            sums[0].zero_()
-            sums[1].zero_()
-        self._counts[stage] = 0
-
-    def _accumulate(self, stage: str, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Add N * loss_k and the number of correct predictions of each member to the (K,) sums, in place."""
-        loss_sum, correct = self._sums[stage]
-        loss_sum.add_(loss * y.shape[0])
-        correct.add_((logits.argmax(-1) == y).sum(-1))
-
-    def _read(self, stage: str, alive: Tensor) -> tuple[list[float], list[float]]:
-        """Epoch means (loss, accuracy) per member, NaN where not ``alive``: a few host reads per epoch.
-        The accuracy is correct / N in Python floats (exact counts, no float32 rounding)."""
-        n = self._counts.pop(stage)
-        loss_sum, correct = self._sums[stage]
-        ok, loss_sum, correct = alive.tolist(), loss_sum.tolist(), correct.tolist()
-        loss = [s / n if a else math.nan for a, s in zip(ok, loss_sum)]
-        acc = [c / n if a else math.nan for a, c in zip(ok, correct)]
-        return loss, acc
-
     # ---------------------------------------------------------------- training
 
     def on_train_epoch_start(self) -> None:
         self.epoch.fill_(self.current_epoch)
-        self._reset("train")
+        self.sums.reset("train", self.net.fc["1"].weight)
 
     def _train_math(self, x: Tensor, y: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Forward, per-member losses, failure mask, backward and metric sums: device work only, no host reads.
@@ -196,7 +165,7 @@ class GridClassifier(L.LightningModule):
         if self.scaling is not None:  # g_S = S_k g_k, each member with its own scale (core.loss_scale)
             g = g * self.loss_scale.view(-1, 1, 1)
         grid_backward(self.net, g)
-        self._accumulate("train", loss, logits, y)
+        self.sums.add("train", loss, logits, y)
         if self.scaling is None:
             return self.alive, None
         found = unscale_([p.grad for p in self.net.parameters()], self.loss_scale)
@@ -231,9 +200,9 @@ class GridClassifier(L.LightningModule):
         if y.shape[0] == 0:  # its mean loss would be 0/0 = NaN and mark every member as diverged
             raise ValueError(f"training batch {batch_idx} is empty: the data loader must not yield empty batches")
         opt = self.optimizers()  # stepped through Lightning: it counts the step and feeds checkpoints
-        if "train" not in self._counts:  # resumed mid-epoch: Lightning calls no on_train_epoch_start then
+        if not self.sums.started("train"):  # resumed mid-epoch: Lightning calls no on_train_epoch_start then
             self.on_train_epoch_start()
-        self._counts["train"] += y.shape[0]
+        self.sums.count("train", y.shape[0])
         run = self.fused.runner(opt.optimizer, x, y) if self.fused is not None else None
         if run is not None:
             opt.step(run=run)
@@ -248,9 +217,9 @@ class GridClassifier(L.LightningModule):
         them in place, and a fused step holds their addresses."""
 
     def on_train_epoch_end(self) -> None:
-        if not self._counts.get("train"):
+        if not self.sums.seen("train"):
             return
-        loss, acc = self._read("train", self.alive)
+        loss, acc = self.sums.read("train", self.alive)
         self.history["train_loss"].append(loss)
         self.history["train_acc"].append(acc)
         self.history_steps["train_step"].append(self.global_step)
@@ -258,18 +227,18 @@ class GridClassifier(L.LightningModule):
     # ---------------------------------------------------------------- validation and test
 
     def on_validation_epoch_start(self) -> None:
-        self._reset("val")
+        self.sums.reset("val", self.net.fc["1"].weight)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x)
-        self._accumulate("val", self.loss_and_grad(logits, y)[0], logits, y)
-        self._counts["val"] += y.shape[0]
+        self.sums.add("val", self.loss_and_grad(logits, y)[0], logits, y)
+        self.sums.count("val", y.shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._counts.get("val"):
+        if not self.sums.seen("val"):
             return
-        loss, acc = self._read("val", self.alive)
+        loss, acc = self.sums.read("val", self.alive)
         if self.trainer.sanity_checking:
             return
         self.history["val_loss"].append(loss)
@@ -288,21 +257,21 @@ class GridClassifier(L.LightningModule):
         if self.test_member is None or not 0 <= self.test_member < self.K:
             raise RuntimeError(f"set model.test_member to the selected member (0..{self.K - 1}) before "
                                "trainer.test: only that member is evaluated on the test set")
-        self._reset("test")
+        self.sums.reset("test", self.net.fc["1"].weight)
         classes = self.sizes[-1]
         self._test_counts = torch.zeros(classes * classes, dtype=torch.long, device=self.net.fc["1"].weight.device)
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x, member=self.test_member)
-        self._accumulate("test", self.loss_and_grad(logits, y)[0], logits, y)
-        self._counts["test"] += y.shape[0]
+        self.sums.add("test", self.loss_and_grad(logits, y)[0], logits, y)
+        self.sums.count("test", y.shape[0])
         classes = self.sizes[-1]  # the confusion matrix, flat: C[true, predicted] at true * classes + predicted
         self._test_counts += torch.bincount(y * classes + logits.argmax(-1).reshape(-1), minlength=classes ** 2)
 
     def on_test_epoch_end(self) -> None:
         k, classes = self.test_member, self.sizes[-1]
-        loss, acc = self._read("test", self.alive[k:k + 1])
+        loss, acc = self.sums.read("test", self.alive[k:k + 1])
         self.test_result = {"test_loss": loss[0], "test_acc": acc[0],
                             "confusion_matrix": self._test_counts.view(classes, classes).cpu()}
         self.log_dict({"test/loss": loss[0], "test/acc": acc[0]})
