@@ -126,3 +126,13 @@ def test_the_summary_s_tensorboard_command_pastes_with_spaces(data_dir, tmp_path
     line = next(line for line in capsys.readouterr().out.splitlines() if "tensorboard --logdir" in line)
     words = shlex.split(line.split("(", 1)[1].rstrip(")"))
     assert words == ["tensorboard", "--logdir", str(work / "lightning_logs")]
+
+
+def test_a_version_number_given_as_text_names_the_same_run_folder(tmp_path):
+    """The printed resume commands pass --trainer.logger.init_args.version N; whether the parser hands N over as
+    an int or as the text "N" (it did both, depending on what it had parsed before), it is version_N."""
+    from handgrad.train.cli import RunLogger
+
+    for version in (3, "3"):
+        assert Path(RunLogger(str(tmp_path), version=version).planned_log_dir()) == tmp_path / "lightning_logs" / "version_3"
+    assert Path(RunLogger(str(tmp_path), version="eager").planned_log_dir()) == tmp_path / "lightning_logs" / "eager"

@@ -66,6 +66,10 @@ class RunLogger(TensorBoardRun):
 
     def __init__(self, save_dir: Optional[str] = None, name: Optional[str] = "lightning_logs",
                  version: Optional[Union[int, str]] = None, default_hp_metric: bool = False, **kwargs):
+        # `--trainer.logger.init_args.version 0` is the resume commands' way to name version_0; the parser may hand
+        # it over as the string "0" (a folder named "0" for Lightning), depending on how it resolved the Union
+        if isinstance(version, str) and version.isdigit():
+            version = int(version)
         super().__init__(save_dir or ".", name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
         self.asked_version = version
         self._run: Optional[tuple] = None  # (version, lock) once claimed
